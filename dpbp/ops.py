@@ -1,0 +1,193 @@
+"""Pure forward/backward pairs: activations and losses.
+
+Every function works in place on caller-owned buffers (``out=``) so a training
+step allocates nothing activation-sized. Scalars are Python floats, which NumPy 2
+treats as "weak": a float32 array times ``0.5`` stays float32.
+
+Shapes: ``z`` and ``a`` are ``(batch, width)``; the loss functions work on the
+output layer ``(batch, n_out)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+HIDDEN_ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "identity")
+OUTPUT_ACTIVATIONS = ("softmax", "sigmoid", "identity")
+LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
+# Which output activation each loss may be paired with.
+LOSS_OUTPUTS = {
+    "mse": ("softmax", "sigmoid", "identity"),
+    "cross_entropy": ("softmax",),
+    "binary_cross_entropy": ("sigmoid",),
+}
+LEAKY_SLOPE = 0.01
+RELU_FAMILY = ("relu", "leaky_relu")
+
+
+def check_pairing(output: str, loss: str) -> None:
+    """Raise ValueError unless ``output`` and ``loss`` make sense together."""
+    if output not in OUTPUT_ACTIVATIONS:
+        raise ValueError(f"unknown output activation {output!r}; expected one of {', '.join(OUTPUT_ACTIVATIONS)}")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
+    if output not in LOSS_OUTPUTS[loss]:
+        allowed = " or ".join(LOSS_OUTPUTS[loss])
+        raise ValueError(f"loss {loss!r} needs a {allowed} output layer, not {output!r}")
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def sigmoid_forward(z: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = 1 / (1 + exp(-z)), computed as 0.5 * (1 + tanh(z / 2)): no overflow for any z."""
+    np.multiply(z, 0.5, out=out)
+    np.tanh(out, out=out)
+    out += 1.0
+    out *= 0.5
+    return out
+
+
+def activation_forward(name: str, z: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """Write g(z) into ``out`` (which may be ``z`` itself). ``scratch`` has z's shape."""
+    if name == "relu":
+        np.maximum(z, 0.0, out=out)
+    elif name == "leaky_relu":
+        np.multiply(z, LEAKY_SLOPE, out=scratch)
+        np.maximum(z, scratch, out=out)
+    elif name == "sigmoid":
+        sigmoid_forward(z, out)
+    elif name == "tanh":
+        np.tanh(z, out=out)
+    elif name == "identity":
+        if out is not z:
+            np.copyto(out, z)
+    else:
+        raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(HIDDEN_ACTIVATIONS)}")
+    return out
+
+
+def activation_backward(name: str, a: np.ndarray, delta: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """delta <- delta * g'(z), in place, with g' written in terms of a = g(z).
+
+    Every hidden activation here has a derivative expressible through its output
+    (sigmoid: a(1-a), tanh: 1-a^2, relu: [a>0]), so the forward pass can
+    overwrite z with a and keep one buffer per layer.
+    """
+    if name == "relu":
+        np.sign(a, out=scratch)  # a >= 0, so sign(a) is exactly [a > 0], with no bool->float cast
+        delta *= scratch
+    elif name == "leaky_relu":
+        np.greater(a, 0.0, out=scratch)
+        scratch *= 1.0 - LEAKY_SLOPE
+        scratch += LEAKY_SLOPE
+        delta *= scratch
+    elif name == "sigmoid":
+        np.subtract(1.0, a, out=scratch)
+        scratch *= a
+        delta *= scratch
+    elif name == "tanh":
+        np.multiply(a, a, out=scratch)
+        np.subtract(1.0, scratch, out=scratch)
+        delta *= scratch
+    elif name != "identity":
+        raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(HIDDEN_ACTIVATIONS)}")
+    return delta
+
+
+def softmax_forward(z: np.ndarray, out: np.ndarray, row_max: np.ndarray, row_sum: np.ndarray) -> np.ndarray:
+    """Row-wise stable softmax. Leaves max_j z and sum_j exp(z - max) in the (batch,) buffers."""
+    np.max(z, axis=1, out=row_max)
+    np.subtract(z, row_max[:, None], out=out)
+    np.exp(out, out=out)
+    np.sum(out, axis=1, out=row_sum)
+    out /= row_sum[:, None]
+    return out
+
+
+def output_forward(name: str, z: np.ndarray, out: np.ndarray, row_max: np.ndarray, row_sum: np.ndarray):
+    """Output activation of the last layer; ``out`` must not alias ``z`` (losses need z)."""
+    if name == "softmax":
+        return softmax_forward(z, out, row_max, row_sum)
+    if name == "sigmoid":
+        return sigmoid_forward(z, out)
+    if name == "identity":
+        np.copyto(out, z)
+        return out
+    raise ValueError(f"unknown output activation {name!r}; expected one of {', '.join(OUTPUT_ACTIVATIONS)}")
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def loss_sum_and_delta(
+    loss: str,
+    output: str,
+    z: np.ndarray,
+    a: np.ndarray,
+    target: np.ndarray,
+    labels: np.ndarray | None,
+    delta: np.ndarray,
+    scratch: np.ndarray,
+    row_max: np.ndarray,
+    row_sum: np.ndarray,
+) -> float:
+    """Return the SUM over rows of the per-sample loss and write dL_sum/dz into ``delta``.
+
+    z, a, delta, scratch: (batch, n_out). ``target`` is (batch, n_out) float targets
+    (one-hot rows for class labels). ``labels`` are the int class ids when the
+    targets came from them (lets cross-entropy skip the one-hot work), else None.
+    row_max/row_sum hold what ``softmax_forward`` left there. ``scratch`` is
+    clobbered. Sums, not means: the data-parallel step adds sums across ranks
+    and divides once by the global count.
+    """
+    if loss == "cross_entropy":
+        # -log softmax(z)_y = log(sum exp(z - m)) + m - z_y ; fused gradient a - y.
+        np.copyto(delta, a)
+        np.log(row_sum, out=row_sum)
+        row_sum += row_max  # now logsumexp(z) per row
+        if labels is not None:
+            rows = np.arange(z.shape[0])
+            delta[rows, labels] -= 1.0
+            return float(np.sum(row_sum)) - float(np.sum(z[rows, labels]))
+        delta -= target
+        # one-hot / soft rows: sum_j y_j (lse - z_j) = lse * sum_j y_j - y.z
+        np.multiply(target, z, out=scratch)
+        np.sum(target, axis=1, out=row_max)  # row_max is free again: reuse it for sum_j y_j
+        return float(np.dot(row_sum, row_max)) - float(np.sum(scratch))
+    if loss == "binary_cross_entropy":
+        # Stable from the logits: max(z,0) - z*y + log(1 + exp(-|z|)); gradient a - y.
+        np.subtract(a, target, out=delta)
+        np.abs(z, out=scratch)
+        np.negative(scratch, out=scratch)
+        np.exp(scratch, out=scratch)
+        np.log1p(scratch, out=scratch)
+        total = float(np.sum(scratch))
+        np.maximum(z, 0.0, out=scratch)
+        total += float(np.sum(scratch))
+        np.multiply(z, target, out=scratch)
+        return total - float(np.sum(scratch))
+    if loss == "mse":
+        # 1/2 sum_j (a_j - y_j)^2 ; dL/da = a - y, then chain through the output activation.
+        np.subtract(a, target, out=delta)
+        total = 0.5 * float(np.vdot(delta, delta))
+        if output == "sigmoid":
+            np.subtract(1.0, a, out=scratch)
+            scratch *= a
+            delta *= scratch
+        elif output == "softmax":
+            # dz_i = a_i (g_i - sum_j g_j a_j), the softmax Jacobian applied to g = a - y.
+            np.multiply(delta, a, out=scratch)
+            np.sum(scratch, axis=1, out=row_sum)
+            delta -= row_sum[:, None]
+            delta *= a
+        return total
+    raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
+
+
+def count_correct(a: np.ndarray, target: np.ndarray, labels: np.ndarray | None) -> int:
+    """Correct predictions in a batch: argmax match for several outputs, a > 0.5 vs y > 0.5 for one."""
+    if a.shape[1] == 1:
+        return int(np.count_nonzero((a[:, 0] > 0.5) == (target[:, 0] > 0.5)))
+    truth = labels if labels is not None else np.argmax(target, axis=1)
+    return int(np.count_nonzero(np.argmax(a, axis=1) == truth))

@@ -1,0 +1,143 @@
+"""Optimizers (in place on flat buffers, exact state round-trips) and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dpbp.optim import OPTIMIZERS, LRSchedule, make_optimizer
+
+HYPER = {
+    "sgd": {},
+    "momentum": {"momentum": 0.9, "nesterov": False},
+    "nesterov": {"momentum": 0.9, "nesterov": True},
+    "rmsprop": {"rho": 0.9, "eps": 1e-8},
+    "adam": {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
+    "adamw": {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01},
+}
+NAMES = {"nesterov": "momentum", "adamw": "adam"}
+
+
+def build(key, n=5, dtype="float64"):
+    return make_optimizer(NAMES.get(key, key), n, dtype, **HYPER[key])
+
+
+def quadratic_grad(params, target):
+    return params - target  # gradient of 1/2 |p - target|^2
+
+
+@pytest.mark.parametrize("key", list(HYPER))
+def test_each_optimizer_minimises_a_quadratic(key):
+    target = np.array([1.0, -2.0, 0.5, 3.0, 0.0])
+    params = np.zeros(5)
+    opt = build(key)
+    lr = {"sgd": 0.1, "momentum": 0.05, "nesterov": 0.05, "rmsprop": 0.01, "adam": 0.05, "adamw": 0.05}[key]
+    for _ in range(2000):
+        opt.step(params, quadratic_grad(params, target), lr)
+    tol = 0.05 if key == "adamw" else 1e-3  # decoupled decay pulls the optimum slightly toward 0
+    np.testing.assert_allclose(params, target, atol=tol)
+
+
+def test_update_rules_match_their_formulas_for_two_steps():
+    g1, g2 = np.array([0.5, -1.0]), np.array([0.25, 2.0])
+    lr = 0.1
+    # momentum
+    p = np.array([1.0, 1.0])
+    opt = make_optimizer("momentum", 2, "float64", momentum=0.9)
+    opt.step(p, g1.copy(), lr)
+    opt.step(p, g2.copy(), lr)
+    v1 = g1
+    v2 = 0.9 * v1 + g2
+    np.testing.assert_allclose(p, 1.0 - lr * v1 - lr * v2, rtol=1e-15)
+    # nesterov
+    p = np.array([1.0, 1.0])
+    opt = make_optimizer("momentum", 2, "float64", momentum=0.9, nesterov=True)
+    opt.step(p, g1.copy(), lr)
+    opt.step(p, g2.copy(), lr)
+    np.testing.assert_allclose(p, 1.0 - lr * (g1 + 0.9 * v1) - lr * (g2 + 0.9 * v2), rtol=1e-15)
+    # rmsprop
+    p = np.array([1.0, 1.0])
+    opt = make_optimizer("rmsprop", 2, "float64", rho=0.9, eps=1e-8)
+    opt.step(p, g1.copy(), lr)
+    opt.step(p, g2.copy(), lr)
+    s1 = 0.1 * g1**2
+    s2 = 0.9 * s1 + 0.1 * g2**2
+    np.testing.assert_allclose(p, 1.0 - lr * g1 / (np.sqrt(s1) + 1e-8) - lr * g2 / (np.sqrt(s2) + 1e-8), rtol=1e-13)
+    # adam with decoupled weight decay
+    p = np.array([1.0, 1.0])
+    ref = p.copy()
+    opt = make_optimizer("adam", 2, "float64", beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    m = v = np.zeros(2)
+    for t, g in enumerate([g1, g2], start=1):
+        opt.step(p, g.copy(), lr)
+        ref = ref * (1 - lr * 0.1)
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        ref = ref - lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+    np.testing.assert_allclose(p, ref, rtol=1e-12)
+    # sgd
+    p = np.array([1.0, 1.0])
+    make_optimizer("sgd", 2, "float64").step(p, g1.copy(), lr)
+    np.testing.assert_array_equal(p, 1.0 - lr * g1)
+
+
+@pytest.mark.parametrize("key", list(HYPER))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_state_round_trip_continues_bit_identically(key, dtype):
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=7).astype(dtype) for _ in range(10)]
+    a_params = rng.normal(size=7).astype(dtype)
+    a = build(key, 7, dtype)
+    for g in grads[:5]:
+        a.step(a_params, g.copy(), 0.01)
+    saved_state, saved_params = a.state_dict(), a_params.copy()
+    for g in grads[5:]:
+        a.step(a_params, g.copy(), 0.01)
+
+    b = build(key, 7, dtype)
+    b.load_state_dict({k: v.copy() for k, v in saved_state.items()})
+    b_params = saved_params
+    for g in grads[5:]:
+        b.step(b_params, g.copy(), 0.01)
+    np.testing.assert_array_equal(a_params, b_params)
+    assert b.t == 10
+    assert all(v.dtype == np.dtype(dtype) for k, v in b.state_dict().items() if k != "t")
+
+
+def test_float32_update_stays_float32_with_float64_scalars():
+    p = np.ones(4, np.float32)
+    for name in OPTIMIZERS:
+        opt = make_optimizer(name, 4, "float32")
+        opt.step(p, np.ones(4, np.float32), np.float64(0.1))
+        assert p.dtype == np.float32
+
+
+def test_bad_state_and_names_are_rejected():
+    opt = make_optimizer("adam", 3)
+    with pytest.raises(ValueError, match="needs"):
+        opt.load_state_dict({"m": np.zeros(3, np.float32), "t": np.array(1)})
+    with pytest.raises(ValueError, match="must be"):
+        opt.load_state_dict({"m": np.zeros(4, np.float32), "v": np.zeros(3, np.float32), "t": np.array(1)})
+    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
+        make_optimizer("lbfgs", 3)
+    with pytest.raises(ValueError, match="shape"):
+        opt.step(np.zeros(4, np.float32), np.zeros(4, np.float32), 0.1)
+
+
+def test_schedules():
+    const = LRSchedule(0.1)
+    assert const(0) == const(1000) == 0.1
+    step = LRSchedule(0.1, "step", step_size=10, gamma=0.5)
+    assert [step(0), step(9), step(10), step(25)] == [0.1, 0.1, 0.05, 0.025]
+    cos = LRSchedule(1.0, "cosine", total_steps=100, min_lr=0.1)
+    assert cos(0) == 1.0 and math.isclose(cos(50), 0.55) and math.isclose(cos(100), 0.1)
+    assert all(cos(i) >= cos(i + 1) for i in range(100))
+    warm = LRSchedule(1.0, "cosine", total_steps=110, warmup_steps=10)
+    assert [warm(0), warm(4), warm(9)] == [0.1, 0.5, 1.0] and warm(10) == 1.0
+    assert math.isclose(warm(60), 0.5)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        LRSchedule(0.1, "exp")
+    with pytest.raises(ValueError, match="> 0"):
+        LRSchedule(0.0)
