@@ -1,0 +1,843 @@
+"""The run configuration: one typed, validated config for a whole training run.
+
+Owns the section dataclasses (``[model]``, ``[data]``, ``[train]``, ``[checkpoint]``,
+``[run]``), reading them from TOML, ``section.key=value`` overrides, validation, a TOML
+emitter, a stable hash and a generated Markdown reference.
+
+Each field's ``metadata`` is the single source of truth: ``help`` (one line) and the
+rules validation enforces and ``doc_markdown`` prints:
+
+* ``choices``: allowed string values;
+* ``min`` / ``max``: inclusive bounds;
+* ``min_exclusive`` / ``max_exclusive``: strict bounds;
+* ``min_len`` / ``item_min``: list length and per-item lower bound;
+* ``nonempty``: the string may not be empty;
+* ``int_as_str``: an integer is accepted and stored as its decimal string.
+
+Rules that relate two fields live in ``_CROSS_CHECKS`` together with their doc text.
+Every problem raises :class:`dpbp.errors.ConfigError` with the dotted key. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import hashlib
+import json
+import math
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dpbp.errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "config_hash",
+    "default_config",
+    "doc_markdown",
+    "field_help",
+    "from_dict",
+    "load_config",
+    "replace",
+    "to_dict",
+    "to_toml",
+    "validate",
+]
+
+
+def _meta(help: str, **rules: Any) -> dict[str, Any]:
+    """Field metadata: a one-line ``help`` plus the validation rules listed above."""
+    return {"help": help, **rules}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: network shape, activations, loss and numeric precision."""
+
+    layers: list[int] = field(
+        default_factory=lambda: [2, 64, 64, 3],
+        metadata=_meta(
+            "full layer sizes [n_in, hidden..., n_out]; n_in must match the data's "
+            "features, n_out its classes/targets",
+            min_len=2,
+            item_min=1,
+        ),
+    )
+    activation: str = field(
+        default="relu",
+        metadata=_meta(
+            "hidden-layer activation",
+            choices=("sigmoid", "tanh", "relu", "leaky_relu", "identity"),
+        ),
+    )
+    output: str = field(
+        default="softmax",
+        metadata=_meta(
+            "output-layer activation", choices=("softmax", "sigmoid", "identity")
+        ),
+    )
+    loss: str = field(
+        default="cross_entropy",
+        metadata=_meta(
+            "training loss; cross_entropy needs softmax output, binary_cross_entropy "
+            "sigmoid",
+            choices=("mse", "cross_entropy", "binary_cross_entropy"),
+        ),
+    )
+    init: str = field(
+        default="auto",
+        metadata=_meta(
+            "weight init; auto: he for relu-like activations, xavier otherwise",
+            choices=("auto", "he", "xavier", "normal"),
+        ),
+    )
+    dtype: str = field(
+        default="float32",
+        metadata=_meta(
+            "floating-point type of parameters and data", choices=("float32", "float64")
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: where train/val/test sets come from and how they are normalised."""
+
+    train: str = field(
+        default="spirals",
+        metadata=_meta(
+            "training data: built-in name, .npz, x.npy,y.npy, .csv, IDX images,labels",
+            nonempty=True,
+        ),
+    )
+    val: str = field(
+        default="",
+        metadata=_meta("validation source; empty: hold out val_fraction of train"),
+    )
+    val_fraction: float = field(
+        default=0.1,
+        metadata=_meta(
+            "fraction of train held out for validation when val is empty",
+            min=0.0,
+            max_exclusive=1.0,
+        ),
+    )
+    test: str = field(
+        default="",
+        metadata=_meta("optional test source evaluated at the end; empty: none"),
+    )
+    normalize: str = field(
+        default="standard",
+        metadata=_meta(
+            "feature normalisation, fitted on the training split",
+            choices=("none", "standard", "minmax"),
+        ),
+    )
+    label_column: str = field(
+        default="last",
+        metadata=_meta(
+            "CSV label column: last, first, a 0-based index, or a header name",
+            nonempty=True,
+            int_as_str=True,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``[train]``: optimisation, schedule, stopping and run-time behaviour."""
+
+    epochs: int = field(
+        default=40, metadata=_meta("number of passes over the training set", min=1)
+    )
+    batch_size: int = field(
+        default=64, metadata=_meta("GLOBAL batch size, summed over all ranks", min=1)
+    )
+    lr: float = field(
+        default=0.01, metadata=_meta("peak learning rate", min_exclusive=0.0)
+    )
+    optimizer: str = field(
+        default="adam",
+        metadata=_meta("update rule", choices=("sgd", "momentum", "rmsprop", "adam")),
+    )
+    momentum: float = field(
+        default=0.9,
+        metadata=_meta(
+            "momentum coefficient (optimizer = momentum)", min=0.0, max_exclusive=1.0
+        ),
+    )
+    nesterov: bool = field(
+        default=False, metadata=_meta("use Nesterov momentum (optimizer = momentum)")
+    )
+    beta1: float = field(
+        default=0.9,
+        metadata=_meta("Adam first-moment decay", min=0.0, max_exclusive=1.0),
+    )
+    beta2: float = field(
+        default=0.999,
+        metadata=_meta("Adam second-moment decay", min=0.0, max_exclusive=1.0),
+    )
+    rho: float = field(
+        default=0.9,
+        metadata=_meta("RMSprop squared-gradient decay", min=0.0, max_exclusive=1.0),
+    )
+    eps: float = field(
+        default=1e-8,
+        metadata=_meta("denominator epsilon for rmsprop and adam", min_exclusive=0.0),
+    )
+    weight_decay: float = field(
+        default=0.0,
+        metadata=_meta(
+            "weight decay; decoupled (AdamW-style) for adam, L2 otherwise", min=0.0
+        ),
+    )
+    schedule: str = field(
+        default="constant",
+        metadata=_meta(
+            "learning-rate schedule after warm-up",
+            choices=("constant", "step", "cosine"),
+        ),
+    )
+    warmup_epochs: float = field(
+        default=0.0,
+        metadata=_meta("linear warm-up length in epochs (may be fractional)", min=0.0),
+    )
+    step_epochs: int = field(
+        default=10,
+        metadata=_meta("step schedule: decay every this many epochs", min=1),
+    )
+    gamma: float = field(
+        default=0.1,
+        metadata=_meta("step schedule: decay factor", min_exclusive=0.0, max=1.0),
+    )
+    min_lr: float = field(
+        default=0.0,
+        metadata=_meta("cosine schedule: final learning rate (< lr)", min=0.0),
+    )
+    seed: int = field(
+        default=0,
+        metadata=_meta("seeds weight init, validation split and shuffle", min=0),
+    )
+    shuffle: bool = field(
+        default=True, metadata=_meta("reshuffle the training set every epoch")
+    )
+    early_stopping_patience: int = field(
+        default=0,
+        metadata=_meta(
+            "stop after this many epochs without val loss improvement; 0 disables",
+            min=0,
+        ),
+    )
+    min_delta: float = field(
+        default=0.0,
+        metadata=_meta(
+            "smallest val loss decrease that counts as improvement", min=0.0
+        ),
+    )
+    check_sync_every: int = field(
+        default=100,
+        metadata=_meta(
+            "compare a parameter checksum across ranks every K steps; 0 disables", min=0
+        ),
+    )
+    on_nonfinite: str = field(
+        default="stop",
+        metadata=_meta(
+            "on a NaN/inf loss or gradient: stop the run, or skip the step",
+            choices=("stop", "skip"),
+        ),
+    )
+    threads: int = field(
+        default=0,
+        metadata=_meta(
+            "BLAS threads per rank; 0 = cores per node / ranks per node", min=0
+        ),
+    )
+    log_every: int = field(
+        default=0,
+        metadata=_meta("progress line every N steps; 0 = about 10 per epoch", min=0),
+    )
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """``[checkpoint]``: when to save and how many checkpoints to keep."""
+
+    every_steps: int = field(
+        default=0,
+        metadata=_meta("save a checkpoint every N optimizer steps; 0 disables", min=0),
+    )
+    every_epochs: int = field(
+        default=1,
+        metadata=_meta("save a checkpoint every N epochs; 0 disables", min=0),
+    )
+    keep: int = field(
+        default=3, metadata=_meta("keep the newest K periodic checkpoints", min=1)
+    )
+    keep_best: bool = field(
+        default=True, metadata=_meta("also keep the checkpoint with the best val loss")
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """``[run]``: where a run's outputs go."""
+
+    dir: str = field(
+        default="runs/dpbp",
+        metadata=_meta(
+            "run directory (config.toml, metrics.jsonl, model.npz, checkpoints/)",
+            nonempty=True,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run configuration; immutable (change copies with :func:`replace`)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# Section name -> dataclass, in file order.
+_SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)
+}
+
+
+@functools.cache
+def _fields(section: str) -> dict[str, tuple[Any, Mapping[str, Any]]]:
+    """Field name -> (resolved type, metadata) for one section, in declaration order."""
+    cls = _SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f.metadata) for f in dataclasses.fields(cls)}
+
+
+# --- cross-field rules: (key blamed, doc text, check -> error message or None) ---
+
+_LOSS_OUTPUT = {"cross_entropy": "softmax", "binary_cross_entropy": "sigmoid"}
+
+
+def _check_loss_output(cfg: Config) -> str | None:
+    need = _LOSS_OUTPUT.get(cfg.model.loss)
+    if need is None or cfg.model.output == need:
+        return None
+    return (
+        f"loss '{cfg.model.loss}' needs output = '{need}', got output = "
+        f"'{cfg.model.output}'; set model.output = '{need}' or use loss = 'mse'"
+    )
+
+
+def _check_softmax_width(cfg: Config) -> str | None:
+    if cfg.model.output != "softmax" or cfg.model.layers[-1] >= 2:
+        return None
+    # A softmax over one unit is constantly 1: nothing could be learned.
+    return (
+        f"output 'softmax' needs at least 2 output units, got layers[-1] = "
+        f"{cfg.model.layers[-1]}; use output = 'sigmoid' for a single binary target"
+    )
+
+
+def _check_min_lr(cfg: Config) -> str | None:
+    if cfg.train.min_lr < cfg.train.lr:
+        return None
+    return f"must be < train.lr = {cfg.train.lr!r}, got {cfg.train.min_lr!r}"
+
+
+_CROSS_CHECKS: tuple[tuple[str, str, Callable[[Config], str | None]], ...] = (
+    (
+        "model.loss",
+        (
+            "`cross_entropy` needs `output = softmax`; `binary_cross_entropy` needs "
+            "`output = sigmoid`; `mse` works with any output"
+        ),
+        _check_loss_output,
+    ),
+    (
+        "model.layers",
+        "with `output = softmax` the last size must be >= 2",
+        _check_softmax_width,
+    ),
+    ("train.min_lr", "must be < `train.lr`", _check_min_lr),
+)
+
+
+# --- type coercion and per-field rules ---
+
+
+def _show(value: Any) -> str:
+    """``repr`` of a user value with its Python type, shortened for messages."""
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _coerce(key: str, typ: Any, meta: Mapping[str, Any], value: Any) -> Any:
+    """Return ``value`` converted to the field type ``typ``, or raise ConfigError.
+
+    Ints widen to float; bools are never numbers; integral floats are not ints.
+    """
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(
+            key, f"expected a boolean (true or false), got {_show(value)}"
+        )
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return int(value)
+        raise ConfigError(key, f"expected an integer, got {_show(value)}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                out = float(value)
+            except OverflowError:
+                out = math.inf
+            if not math.isfinite(out):
+                raise ConfigError(key, f"expected a finite number, got {_show(value)}")
+            return out
+        raise ConfigError(key, f"expected a number, got {_show(value)}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if (
+            meta.get("int_as_str")
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+        ):
+            return str(value)
+        want = "a string or an integer" if meta.get("int_as_str") else "a string"
+        raise ConfigError(key, f"expected {want}, got {_show(value)}")
+    if typing.get_origin(typ) is list and typing.get_args(typ) == (int,):
+        if isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            return [int(v) for v in value]
+        raise ConfigError(key, f"expected a list of integers, got {_show(value)}")
+    raise TypeError(
+        f"config field {key} has unsupported type {typ!r}"
+    )  # a bug, not user error
+
+
+def _check_rules(key: str, meta: Mapping[str, Any], value: Any) -> None:
+    """Raise ConfigError if ``value`` (already coerced) breaks the field's rules."""
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(
+            key, f"must be one of {', '.join(map(repr, choices))}; got {value!r}"
+        )
+    if meta.get("nonempty") and value == "":
+        raise ConfigError(key, "must not be empty")
+    if isinstance(value, list):
+        n = meta.get("min_len")
+        if n is not None and len(value) < n:
+            raise ConfigError(key, f"needs at least {n} entries, got {value!r}")
+        lo = meta.get("item_min")
+        if lo is not None:
+            for i, v in enumerate(value):
+                if v < lo:
+                    raise ConfigError(
+                        key, f"every entry must be >= {lo}, got {v} at index {i}"
+                    )
+        return
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        ok = (
+            ("min" not in meta or value >= meta["min"])
+            and ("max" not in meta or value <= meta["max"])
+            and ("min_exclusive" not in meta or value > meta["min_exclusive"])
+            and ("max_exclusive" not in meta or value < meta["max_exclusive"])
+        )
+        if not ok:
+            raise ConfigError(key, f"must be {_bounds_text(meta)}, got {value!r}")
+
+
+def _bounds_text(meta: Mapping[str, Any]) -> str:
+    """Human text for a field's numeric bounds, e.g. ``>= 0 and < 1``; '' if none."""
+    parts = []
+    for name, op in (
+        ("min", ">="),
+        ("min_exclusive", ">"),
+        ("max", "<="),
+        ("max_exclusive", "<"),
+    ):
+        if name in meta:
+            parts.append(f"{op} {meta[name]!r}")
+    return " and ".join(parts)
+
+
+def _allowed_text(meta: Mapping[str, Any]) -> str:
+    """Human text for everything a field allows, shared by docs and TOML comments."""
+    if "choices" in meta:
+        return ", ".join(meta["choices"])
+    parts = []
+    if "min_len" in meta:
+        parts.append(f"length >= {meta['min_len']}")
+    if "item_min" in meta:
+        parts.append(f"each >= {meta['item_min']}")
+    if _bounds_text(meta):
+        parts.append(_bounds_text(meta))
+    if meta.get("nonempty"):
+        parts.append("non-empty")
+    return ", ".join(parts)
+
+
+# --- unknown keys ---
+
+
+# Names people bring from other trainers; checked before fuzzy matching.
+_ALIASES = {
+    "learning_rate": "train.lr",
+    "batch": "train.batch_size",
+    "num_epochs": "train.epochs",
+    "max_epochs": "train.epochs",
+    "patience": "train.early_stopping_patience",
+    "hidden": "model.layers",
+    "sizes": "model.layers",
+    "val_split": "data.val_fraction",
+    "out_dir": "run.dir",
+    "output_dir": "run.dir",
+}
+
+
+def _guess(dotted: str) -> str | None:
+    """The valid key (or section) the user most likely meant by ``dotted``."""
+    section, _, name = dotted.partition(".")
+    leaf = name or section
+    if leaf in _ALIASES:
+        return _ALIASES[leaf]
+    # The right key in the wrong or no section, e.g. model.lr or lr -> train.lr.
+    owners = [f"{s}.{leaf}" for s in _SECTIONS if leaf in _fields(s)]
+    if section in _SECTIONS:
+        close = difflib.get_close_matches(name, list(_fields(section)), n=1)
+        if close:
+            return f"{section}.{close[0]}"
+    elif not owners:
+        close = difflib.get_close_matches(section, list(_SECTIONS), n=1)
+        if close and name:
+            key = difflib.get_close_matches(name, list(_fields(close[0])), n=1)
+            return f"{close[0]}.{key[0]}" if key else close[0]
+        if close:
+            return close[0]
+    return owners[0] if owners else None
+
+
+def _unknown(dotted: str) -> ConfigError:
+    """ConfigError for an unknown section or key, with the closest valid key if any."""
+    section, _, name = dotted.partition(".")
+    if section in _SECTIONS and not name:
+        example = f"{section}.{next(iter(_fields(section)))}"
+        return ConfigError(
+            dotted, f"'{section}' is a section; give section.key, e.g. {example}=..."
+        )
+    if section in _SECTIONS:
+        what = f"unknown key '{dotted}'"
+        where = f"keys in [{section}] are " + ", ".join(_fields(section))
+    else:
+        what = f"unknown section '{section}'" + (f" in '{dotted}'" if name else "")
+        where = "sections are " + ", ".join(_SECTIONS)
+    guess = _guess(dotted)
+    return ConfigError(
+        dotted, f"{what}; " + (f"did you mean '{guess}'?" if guess else where)
+    )
+
+
+def _split_key(dotted: str) -> tuple[str, str]:
+    """``'train.lr'`` -> ``('train', 'lr')``; ConfigError if not a known field."""
+    section, _, name = dotted.partition(".")
+    if section not in _SECTIONS or name not in _fields(section):
+        raise _unknown(dotted)
+    return section, name
+
+
+# --- building and validation ---
+
+
+def _build(raw: Mapping[str, Any]) -> Config:
+    """Config from a nested mapping; missing keys take defaults. Raises ConfigError."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("", f"expected a table of sections, got {_show(raw)}")
+    for name in raw:
+        if name not in _SECTIONS:
+            raise _unknown(str(name))
+    sections = {}
+    for sname, cls in _SECTIONS.items():
+        table = raw.get(sname, {})
+        if not isinstance(table, Mapping):
+            raise ConfigError(sname, f"expected a table [{sname}], got {_show(table)}")
+        fields = _fields(sname)
+        for name in table:
+            if name not in fields:
+                raise _unknown(f"{sname}.{name}")
+        defaults = cls()
+        kwargs = {}
+        for name, (typ, meta) in fields.items():
+            key = f"{sname}.{name}"
+            if name in table:
+                value = _coerce(key, typ, meta, table[name])
+            else:
+                value = getattr(defaults, name)
+            _check_rules(key, meta, value)
+            kwargs[name] = value
+        sections[sname] = cls(**kwargs)
+    cfg = Config(**sections)
+    for key, _doc, check in _CROSS_CHECKS:
+        message = check(cfg)
+        if message:
+            raise ConfigError(key, message)
+    return cfg
+
+
+def default_config() -> Config:
+    """All defaults (valid by construction, which the tests check)."""
+    return Config()
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field and cross-field rule; return a normalised copy.
+
+    The copy has canonical types (ints widened to float where the field is float,
+    ``label_column`` as str, lists as ``list``). ``cfg`` is not modified.
+    Raises ConfigError naming the first offending dotted key.
+    """
+    return _build(to_dict(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Nested plain dict ``{section: {key: value}}``; lists are copies."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: Mapping[str, Any]) -> Config:
+    """Validated Config from a nested dict (e.g. a checkpoint's saved config).
+
+    Missing sections/keys take defaults; unknown ones raise ConfigError.
+    """
+    return _build(d)
+
+
+def replace(cfg: Config, **dotted: Any) -> Config:
+    """Validated copy of ``cfg`` with dotted keys set.
+
+    Example: ``replace(cfg, **{"train.epochs": 3})``.
+
+    Values must already have the field's Python type (same rules as a TOML file).
+    """
+    d = to_dict(cfg)
+    for key, value in dotted.items():
+        section, name = _split_key(key)
+        d[section][name] = value
+    return _build(d)
+
+
+def field_help(key: str) -> str:
+    """One-line help of dotted ``key`` plus its allowed values, for CLI ``help=``."""
+    section, name = _split_key(key)
+    meta = _fields(section)[name][1]
+    allowed = _allowed_text(meta)
+    return f"{meta['help']} [{allowed}]" if allowed else meta["help"]
+
+
+# --- TOML in ---
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    """``'train.lr=0.1'`` -> ``('train', 'lr', 0.1)``.
+
+    The value is read as a TOML value; text that is not valid TOML is taken as a
+    bare string. For string fields any unquoted text is taken verbatim, so
+    ``run.dir=2024`` means the directory "2024", not the integer 2024.
+    """
+    if "=" not in item:
+        raise ConfigError("", f"override {item!r} is not key=value (e.g. train.lr=0.1)")
+    key, text = item.split("=", 1)
+    section, name = _split_key(key.strip())
+    text = text.strip()
+    try:
+        parsed = tomllib.loads(f"v = {text}")
+    except tomllib.TOMLDecodeError:
+        value: Any = text
+    else:
+        # More than one key means the text smuggled in a newline and another key.
+        value = parsed["v"] if set(parsed) == {"v"} else text
+    if _fields(section)[name][0] is str and not isinstance(value, str):
+        value = text
+    return section, name, value
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the TOML file at ``path`` (if any), then ``key=value`` overrides.
+
+    Later overrides win. Returns a validated Config; every problem (missing or
+    unreadable file, TOML syntax, unknown key, wrong type, bad value) raises
+    ConfigError.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError("", f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("", f"{path}: invalid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError("", f"{path}: not UTF-8 text: {e}") from None
+        except OSError as e:
+            raise ConfigError("", f"{path}: cannot read: {e.strerror or e}") from None
+    if isinstance(overrides, str):  # a lone string would be iterated per character
+        overrides = [overrides]
+    for item in overrides:
+        section, name, value = _parse_override(item)
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(
+                section, f"expected a table [{section}], got {_show(table)}"
+            )
+        table[name] = value
+    return _build(raw)
+
+
+# --- TOML out ---
+
+_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def _toml_value(value: Any) -> str:
+    """One config value as a TOML literal (str, int, float, bool, or list of those)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)  # shortest round-tripping form; always has '.' or 'e'
+    if isinstance(value, str):
+        out = []
+        for ch in value:
+            if ch in _ESCAPES:
+                out.append(_ESCAPES[ch])
+            elif ord(ch) < 0x20 or ord(ch) == 0x7F:  # TOML forbids raw control chars
+                out.append(f"\\u{ord(ch):04x}")
+            else:
+                out.append(ch)
+        return '"' + "".join(out) + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as a TOML config value")
+
+
+def to_toml(cfg: Config) -> str:
+    """The config as TOML text that :func:`load_config` reads back to an equal Config.
+
+    Sections in file order; every key preceded by a ``# help [allowed]`` comment line.
+    """
+    d = to_dict(cfg)
+    lines = [
+        "# dpbp run configuration; every key is optional and shown here with its value."
+    ]
+    for section in _SECTIONS:
+        lines += ["", f"[{section}]"]
+        for name, (_typ, meta) in _fields(section).items():
+            allowed = _allowed_text(meta)
+            lines.append(f"# {meta['help']}" + (f" [{allowed}]" if allowed else ""))
+            lines.append(f"{name} = {_toml_value(d[section][name])}")
+    return "\n".join(lines) + "\n"
+
+
+# --- hash and docs ---
+
+
+def config_hash(cfg: Config) -> str:
+    """sha256 hex digest of the validated config as canonical JSON (sorted keys).
+
+    Equal configs give equal hashes on every machine and Python version.
+    """
+    canon = json.dumps(
+        to_dict(validate(cfg)),
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+        allow_nan=False,
+    )
+    return hashlib.sha256(canon.encode("ascii")).hexdigest()
+
+
+def _type_name(typ: Any) -> str:
+    if typing.get_origin(typ) is list:
+        return "list[" + ", ".join(t.__name__ for t in typing.get_args(typ)) + "]"
+    return typ.__name__
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def doc_markdown() -> str:
+    """A Markdown config reference generated from the field metadata.
+
+    One table per section (key, type, default, allowed, help) and the cross-field rules.
+    """
+    defaults = to_dict(default_config())
+    lines = [
+        "# Configuration reference",
+        "",
+        (
+            "Generated from `dpbp/config.py`. Every key is optional. Set keys in a "
+            "TOML file or override them as `section.key=value`."
+        ),
+    ]
+    for section, cls in _SECTIONS.items():
+        lines += [
+            "",
+            f"## [{section}]",
+            "",
+            (cls.__doc__ or "").strip(),
+            "",
+            "| key | type | default | allowed | help |",
+            "|---|---|---|---|---|",
+        ]
+        for name, (typ, meta) in _fields(section).items():
+            allowed = _allowed_text(meta) or "any"
+            if meta.get("int_as_str"):
+                allowed += " (an integer is accepted)"
+            row = (
+                f"`{name}`",
+                _type_name(typ),
+                f"`{_toml_value(defaults[section][name])}`",
+                allowed,
+                meta["help"],
+            )
+            lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
+        rules = [(k, doc) for k, doc, _ in _CROSS_CHECKS if k.startswith(section + ".")]
+        if rules:
+            lines += [""] + [f"- `{k}`: {doc}" for k, doc in rules]
+    return "\n".join(lines) + "\n"
