@@ -1,0 +1,467 @@
+"""Tests for dpbp.data: sources, label rules, validation, split, scaling, batch plan."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpbp.data import (
+    Dataset,
+    Normalizer,
+    batch_bounds,
+    builtin_names,
+    epoch_permutation,
+    gather_rows,
+    load_source,
+    num_batches,
+    shard_bounds,
+    split_validation,
+    validate,
+)
+from dpbp.errors import CheckpointError, DataError
+
+MNIST = Path("/work/shared/data/mnist")
+
+
+def _ds(x, y, source="test"):
+    return Dataset(np.ascontiguousarray(x), np.asarray(y), source)
+
+
+def _idx_bytes(arr: np.ndarray) -> bytes:
+    """An IDX file for a uint8 array (magic 0x000008NN, big-endian dims)."""
+    head = struct.pack(">I", 0x0800 | arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    return head + arr.astype(np.uint8).tobytes()
+
+
+def _write_idx(tmp_path, images, labels, gz):
+    pi, pl = tmp_path / "img.idx", tmp_path / "lab.idx"
+    opener = gzip.open if gz else open
+    with opener(pi, "wb") as f:
+        f.write(_idx_bytes(images))
+    with opener(pl, "wb") as f:
+        f.write(_idx_bytes(labels))
+    return pi, pl
+
+
+# --------------------------------------------------------------------------- built-ins
+
+def test_builtin_names():
+    assert builtin_names() == ["highdim", "spirals", "xor"]
+
+
+def test_xor_points_and_repeat():
+    ds = load_source("xor")
+    np.testing.assert_array_equal(ds.x, [[0, 0], [0, 1], [1, 0], [1, 1]])
+    np.testing.assert_array_equal(ds.y, [[0], [1], [1], [0]])
+    assert ds.x.dtype == ds.y.dtype == np.float32
+    big = load_source("xor:repeat=3", dtype="float64")
+    assert big.x.shape == (12, 2) and big.y.shape == (12, 1) and big.x.dtype == np.float64
+    np.testing.assert_array_equal(big.y[4:8], ds.y)
+
+
+def test_spirals_shape_balance_range():
+    ds = load_source("spirals")
+    assert (ds.n_samples, ds.n_features) == (3000, 2)
+    assert ds.y.dtype == np.int64 and ds.x.flags.c_contiguous
+    np.testing.assert_array_equal(np.bincount(ds.y), [1000, 1000, 1000])
+    assert np.abs(ds.x).max() <= 1.0
+    five = load_source("spirals:n=1000,classes=5,noise=0.1")
+    assert five.x.shape == (1000, 2)
+    np.testing.assert_array_equal(np.bincount(five.y), [200] * 5)
+
+
+def test_highdim_shape_and_default_size():
+    ds = load_source("highdim")
+    assert ds.x.shape == (60000, 100) and ds.x.dtype == np.float32
+    counts = np.bincount(ds.y)
+    assert len(counts) == 10 and counts.min() > 5000  # roughly balanced
+    small = load_source("highdim:n=500,d=20,classes=4")
+    assert small.x.shape == (500, 20) and set(np.unique(small.y)) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("src", ["spirals:n=300", "highdim:n=300,d=12,classes=3"])
+def test_builtins_deterministic_per_seed(src):
+    a, b = load_source(src, seed=7), load_source(src, seed=7)
+    np.testing.assert_array_equal(a.x, b.x)
+    np.testing.assert_array_equal(a.y, b.y)
+    c = load_source(src, seed=8)
+    assert not np.array_equal(a.x, c.x)
+    wide = load_source(src, seed=7, dtype="float64")
+    np.testing.assert_array_equal(wide.y, a.y)  # labels never depend on dtype
+    np.testing.assert_allclose(wide.x, a.x, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("src, words", [
+    ("spiral", ["spiral", "built-in", "spirals", "x.npy,y.npy"]),
+    ("spiral:n=3", ["unknown built-in 'spiral'", "spirals"]),
+    ("spirals:m=3", ["unknown parameter 'm'", "classes", "noise"]),
+    ("spirals:n=abc", ["n must be an integer", "'abc'"]),
+    ("spirals:classes=1", ["classes must be >= 2"]),
+    ("xor:repeat", ["name=value"]),
+])
+def test_bad_builtin(src, words):
+    with pytest.raises(DataError) as e:
+        load_source(src)
+    for w in words:
+        assert w in str(e.value)
+
+
+# --------------------------------------------------------------------------- npz / npy
+
+def test_npz_round_trip_with_int_labels(tmp_path):
+    x = np.arange(12.0).reshape(4, 3)
+    p = tmp_path / "d.npz"
+    np.savez(p, x=x, y=np.array([0, 2, 1, 2], dtype=np.uint8))
+    ds = load_source(str(p), dtype="float64")
+    np.testing.assert_array_equal(ds.x, x)
+    assert ds.y.dtype == np.int64 and ds.y.tolist() == [0, 2, 1, 2]
+    assert ds.source == str(p)
+
+
+def test_npz_missing_key_names_keys_found(tmp_path):
+    p = tmp_path / "d.npz"
+    np.savez(p, x=np.zeros((2, 2)), labels=np.zeros(2))
+    with pytest.raises(DataError, match=r"missing \['y'\].*\['labels', 'x'\]"):
+        load_source(str(p))
+
+
+def test_npz_object_array_refused_without_pickle(tmp_path):
+    p = tmp_path / "d.npz"
+    np.savez(p, x=np.zeros((2, 2)), y=np.array([{}, {}], dtype=object))
+    with pytest.raises(DataError, match="cannot read"):
+        load_source(str(p))
+
+
+def test_corrupt_npz(tmp_path):
+    p = tmp_path / "d.npz"
+    p.write_bytes(b"PK\x03\x04 this is not really a zip")
+    with pytest.raises(DataError, match="cannot read"):
+        load_source(str(p))
+
+
+def test_npy_pair_round_trip_and_image_flattening(tmp_path):
+    x = np.random.default_rng(0).random((5, 2, 3))
+    y = np.array([[0.5, 0.5], [1, 0], [0, 1], [0.2, 0.8], [1, 0]])
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    ds = load_source(f"{tmp_path / 'x.npy'}, {tmp_path / 'y.npy'}")
+    assert ds.x.shape == (5, 6) and ds.x.dtype == np.float32
+    np.testing.assert_allclose(ds.x, x.reshape(5, 6).astype(np.float32))
+    assert ds.y.shape == (5, 2) and ds.y.dtype == np.float32  # 2-D y: float targets
+
+
+def test_npy_pair_with_foreign_file(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((3, 2)))
+    (tmp_path / "y.bin").write_bytes(b"not numpy at all")
+    with pytest.raises(DataError, match="y.bin: expected a NumPy .npy or .npz file"):
+        load_source(f"{tmp_path / 'x.npy'},{tmp_path / 'y.bin'}")
+
+
+def test_npy_pair_row_mismatch(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((5, 2)))
+    np.save(tmp_path / "y.npy", np.zeros(4, dtype=np.int64))
+    with pytest.raises(DataError, match=r"shape \(5,\).*found y of shape \(4,\)"):
+        load_source(f"{tmp_path / 'x.npy'},{tmp_path / 'y.npy'}")
+
+
+@pytest.mark.parametrize("y, dtype, shape", [
+    (np.array([0.0, 1.0, 2.0, 1.0]), np.int64, (4,)),        # integer-valued floats: ids
+    (np.array([0.5, 1.0, 2.0, 1.0]), np.float32, (4, 1)),    # real values: targets
+    (np.array([True, False, True, True]), np.int64, (4,)),
+])
+def test_label_rules(tmp_path, y, dtype, shape):
+    p = tmp_path / "d.npz"
+    np.savez(p, x=np.ones((4, 2)), y=y)
+    ds = load_source(str(p))
+    assert ds.y.dtype == dtype and ds.y.shape == shape
+
+
+def test_missing_file_and_empty_set(tmp_path):
+    with pytest.raises(DataError, match="file not found: .*nope.npz"):
+        load_source(str(tmp_path / "nope.npz"))
+    with pytest.raises(DataError, match="file not found: .*b.npy"):
+        np.save(tmp_path / "a.npy", np.zeros((2, 2)))
+        load_source(f"{tmp_path / 'a.npy'},{tmp_path / 'b.npy'}")
+    p = tmp_path / "e.npz"
+    np.savez(p, x=np.zeros((0, 3)), y=np.zeros(0))
+    with pytest.raises(DataError, match="non-empty"):
+        load_source(str(p))
+
+
+# --------------------------------------------------------------------------- tables
+
+def test_csv_without_header(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("1,2,0\n3,4,1\n\n5,6,1\n")
+    ds = load_source(str(p), dtype="float64")
+    np.testing.assert_array_equal(ds.x, [[1, 2], [3, 4], [5, 6]])
+    assert ds.y.tolist() == [0, 1, 1] and ds.y.dtype == np.int64
+
+
+def test_csv_header_named_and_indexed_label(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("# comment line\nlabel,a,b\n2,1.5,2.5\n0,3.5,4.5\n")
+    for lc in ("label", "first", 0, "0", -3, "-3"):
+        ds = load_source(str(p), label_column=lc)
+        np.testing.assert_array_equal(ds.x, [[1.5, 2.5], [3.5, 4.5]])
+        assert ds.y.tolist() == [2, 0]
+    mid = load_source(str(p), label_column="a")
+    np.testing.assert_array_equal(mid.y, [[1.5], [3.5]])  # non-integer: float targets
+    np.testing.assert_array_equal(mid.x, [[2, 2.5], [0, 4.5]])
+
+
+@pytest.mark.parametrize("name, text", [
+    ("t.tsv", "a\tb\ty\n1\t2\t0\n3\t4\t1\n"),
+    ("t.txt", "1 2 0\n3  4 1\n"),
+    ("t.txt", "1;2;0\n3;4;1\n"),
+])
+def test_table_delimiters(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    ds = load_source(str(p))
+    np.testing.assert_array_equal(ds.x, [[1, 2], [3, 4]])
+    assert ds.y.tolist() == [0, 1]
+
+
+def test_csv_non_numeric_cell_names_row_and_column(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("a,b,y\n1,2,0\n3,oops,1\n")
+    with pytest.raises(DataError, match=r"t.csv: line 3 \(data row 2\), column 2 \('b'\).*'oops'"):
+        load_source(str(p))
+
+
+def test_csv_ragged_row_and_bad_label_column(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("1,2,0\n3,4\n")
+    with pytest.raises(DataError, match="line 2.*expected 3 cells, found 2"):
+        load_source(str(p))
+    p.write_text("1,2,0\n3,4,1\n")
+    with pytest.raises(DataError, match="no header row"):
+        load_source(str(p), label_column="y")
+    with pytest.raises(DataError, match=r"\[-3, 2\], found 3"):
+        load_source(str(p), label_column=3)
+    p.write_text("a,b,y\n")
+    with pytest.raises(DataError, match="no(ne| data rows)"):
+        load_source(str(p))
+
+
+# --------------------------------------------------------------------------- IDX
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_round_trip(tmp_path, gz):
+    images = np.random.default_rng(1).integers(0, 256, (6, 3, 4), dtype=np.uint8)
+    labels = np.array([0, 9, 3, 3, 1, 7], dtype=np.uint8)
+    pi, pl = _write_idx(tmp_path, images, labels, gz)
+    assert (pi.read_bytes()[:2] == b"\x1f\x8b") == gz
+    ds = load_source(f"{pi},{pl}")
+    assert ds.x.shape == (6, 12) and ds.x.dtype == np.float32
+    np.testing.assert_allclose(ds.x, images.reshape(6, 12) / 255, rtol=1e-6)
+    assert ds.y.dtype == np.int64 and ds.y.tolist() == labels.tolist()
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_truncated(tmp_path, gz):
+    images = np.zeros((4, 2, 2), dtype=np.uint8)
+    pi, pl = _write_idx(tmp_path, images, np.zeros(4, dtype=np.uint8), gz)
+    raw = _idx_bytes(images)[:-3]
+    with (gzip.open if gz else open)(pi, "wb") as f:
+        f.write(raw)
+    with pytest.raises(DataError, match=r"img.idx: IDX file truncated: header says 4 x 2 x 2 = 16"):
+        load_source(f"{pi},{pl}")
+
+
+def test_idx_swapped_pair_and_count_mismatch(tmp_path):
+    pi, pl = _write_idx(tmp_path, np.zeros((3, 2, 2)), np.zeros(2), gz=False)
+    with pytest.raises(DataError, match="expected an IDX images file .*0x00000801.*'images,labels'"):
+        load_source(f"{pl},{pi}")
+    with pytest.raises(DataError, match="3 images and 2 labels"):
+        load_source(f"{pi},{pl}")
+
+
+def test_idx_broken_gzip(tmp_path):
+    pi, pl = _write_idx(tmp_path, np.zeros((3, 2, 2)), np.zeros(3), gz=True)
+    pi.write_bytes(pi.read_bytes()[:20])
+    with pytest.raises(DataError, match="cannot read .*img.idx"):
+        load_source(f"{pi},{pl}")
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason=f"real MNIST not present at {MNIST}")
+def test_real_mnist_test_set():
+    ds = load_source(f"{MNIST}/t10k-images-idx3-ubyte.gz,{MNIST}/t10k-labels-idx1-ubyte.gz")
+    assert ds.x.shape == (10000, 784) and 0 <= ds.x.min() and ds.x.max() == 1
+    assert np.bincount(ds.y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+# --------------------------------------------------------------------------- validate
+
+def test_validate_accepts_good_data():
+    ds = load_source("spirals:n=60")
+    validate(ds, n_in=2, n_out=3, loss="cross_entropy")
+    validate(load_source("xor"), n_in=2, n_out=1, loss="mse")
+    validate(_ds(np.zeros((3, 2)), np.array([0, 1, 1])), n_in=2, n_out=1,
+             loss="binary_cross_entropy")
+    validate(_ds(np.zeros((2, 2)), np.array([[0.3, 0.7], [1.0, 0.0]])), n_in=2, n_out=2,
+             loss="cross_entropy")
+
+
+@pytest.mark.parametrize("x, y, kw, pattern", [
+    (np.array([[0.0, 1], [np.nan, 1], [np.inf, np.nan]]), np.zeros(3, np.int64), {},
+     r"^val data \(src\): x has 3 NaN/Inf values, first in row 1"),
+    (np.zeros((2, 784)), np.zeros(2, np.int64), {},
+     "has 784 features but model.layers\\[0\\] is 2"),
+    (np.zeros((3, 2)), np.array([0, 3, -1]), {},
+     r"class ids must lie in \[0, 2\].*found min -1 and max 3"),
+    (np.zeros((2, 2)), np.array([0, 1]), {"n_out": 1, "loss": "cross_entropy"},
+     "needs model.layers\\[-1\\] >= 2"),
+    (np.zeros((2, 2)), np.array([0, 2]), {"n_out": 1, "loss": "mse"},
+     r"class ids must lie in \[0, 1\]"),
+    (np.zeros((2, 2)), np.zeros((2, 2)), {}, "has 2 target columns but model.layers\\[-1\\] is 3"),
+    (np.zeros((2, 2)), np.array([[0.5], [np.nan]]), {"n_out": 1, "loss": "mse"},
+     "y has 1 NaN/Inf values, first in row 1"),
+    (np.zeros((2, 2)), np.array([[0.5], [1.5]]), {"n_out": 1, "loss": "binary_cross_entropy"},
+     r"must lie in \[0, 1\], found min 0.5 and max 1.5"),
+    (np.zeros((2, 2)), np.array([[0.5, 0.5, 0.0], [0.5, 0.6, 0.0]]), {},
+     "summing to 1 .*first row 1 with sum 1.1"),
+])
+def test_validate_errors(x, y, kw, pattern):
+    args = {"n_in": 2, "n_out": 3, "loss": "cross_entropy", **kw}
+    with pytest.raises(DataError, match=pattern):
+        validate(_ds(x, y, "src"), role="val", **args)
+
+
+def test_validate_unknown_loss():
+    with pytest.raises(ValueError, match="loss must be one of"):
+        validate(load_source("xor"), n_in=2, n_out=1, loss="hinge")
+
+
+# --------------------------------------------------------------------------- split
+
+def test_split_validation_deterministic_disjoint_complete():
+    ds = _ds(np.arange(100.0).reshape(50, 2), np.arange(50))
+    tr, va = split_validation(ds, 0.2, seed=3)
+    tr2, va2 = split_validation(ds, 0.2, seed=3)
+    np.testing.assert_array_equal(va.y, va2.y)
+    np.testing.assert_array_equal(tr.x, tr2.x)
+    assert va.n_samples == 10 and tr.n_samples == 40
+    assert sorted(np.concatenate([tr.y, va.y]).tolist()) == list(range(50))
+    assert np.all(np.diff(tr.y) > 0) and np.all(np.diff(va.y) > 0)  # original order kept
+    np.testing.assert_array_equal(tr.x[:, 0], 2 * tr.y)  # rows stay paired with labels
+    assert not np.array_equal(split_validation(ds, 0.2, seed=4)[1].y, va.y)
+
+
+def test_split_validation_edges():
+    ds = _ds(np.zeros((3, 1)), np.arange(3))
+    assert split_validation(ds, 0.0, 0) == (ds, None)
+    assert split_validation(ds, 0.01, 0)[1].n_samples == 1  # at least one
+    assert split_validation(ds, 0.99, 0)[0].n_samples == 1  # train keeps one
+    with pytest.raises(ValueError):
+        split_validation(ds, 1.0, 0)
+
+
+# --------------------------------------------------------------------------- normalizer
+
+def test_standard_normalizer_float32():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((500, 3)) * [1, 10, 100] + [5, -3, 1000]).astype(np.float32)
+    x[:, 1] = 7.0  # constant column
+    nm = Normalizer.fit("standard", x)
+    assert nm.shift.dtype == nm.scale.dtype == np.float32
+    z = nm.apply(x)
+    assert z.dtype == np.float32 and z is not x
+    np.testing.assert_allclose(z[:, [0, 2]].mean(axis=0), 0, atol=1e-4)
+    np.testing.assert_allclose(z[:, [0, 2]].std(axis=0), 1, atol=1e-4)
+    assert nm.scale[1] == 1 and np.all(z[:, 1] == 0)
+
+
+def test_minmax_and_float64_stats_do_not_leak():
+    x = np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 2.0]], dtype=np.float32)
+    nm = Normalizer.fit("minmax", x)
+    z = nm.apply(x)
+    np.testing.assert_allclose(z, [[0, 0], [0.5, 1], [1, 0.5]])
+    wide = Normalizer("standard", np.zeros(2), np.ones(2))  # float64 stats
+    assert wide.apply(x).dtype == np.float32
+    assert Normalizer("none").apply(x).dtype == np.float32
+
+
+def test_normalizer_arrays_round_trip_and_errors():
+    x = np.random.default_rng(1).random((20, 4))
+    nm = Normalizer.fit("standard", x)
+    arrays = nm.to_arrays()
+    assert set(arrays) == {"norm_shift", "norm_scale"}
+    back = Normalizer.from_arrays("standard", arrays)
+    np.testing.assert_array_equal(back.apply(x), nm.apply(x))
+    assert Normalizer("none").to_arrays() == {}
+    with pytest.raises(ValueError, match="none"):
+        Normalizer.fit("zscore", x)
+    with pytest.raises(CheckpointError, match="norm_scale"):
+        Normalizer.from_arrays("minmax", {"norm_shift": np.zeros(4)})
+    with pytest.raises(DataError, match="fitted on 4 features, data has 3"):
+        nm.apply(x[:, :3])
+
+
+# --------------------------------------------------------------------------- batch plan
+
+def test_shard_bounds_cover_exactly_once():
+    for n_rows in range(41):
+        for size in range(1, 10):
+            bounds = [shard_bounds(n_rows, size, r) for r in range(size)]
+            sizes = [b - a for a, b in bounds]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n_rows
+            assert all(bounds[r][1] == bounds[r + 1][0] for r in range(size - 1))
+            assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 0
+            assert sizes == sorted(sizes, reverse=True)  # extras go to the first ranks
+    with pytest.raises(ValueError):
+        shard_bounds(5, 2, 2)
+
+
+def test_epoch_permutation():
+    p = epoch_permutation(100, seed=1, epoch=0)
+    assert p.dtype == np.int64 and sorted(p.tolist()) == list(range(100))
+    np.testing.assert_array_equal(p, epoch_permutation(100, seed=1, epoch=0))
+    assert not np.array_equal(p, epoch_permutation(100, seed=1, epoch=1))
+    assert not np.array_equal(p, epoch_permutation(100, seed=2, epoch=0))
+    np.testing.assert_array_equal(epoch_permutation(5, 1, 0, shuffle=False), np.arange(5))
+
+
+def test_batches():
+    assert [num_batches(n, 4) for n in (0, 1, 4, 5, 8)] == [0, 1, 1, 2, 2]
+    assert [batch_bounds(10, 4, s) for s in range(3)] == [(0, 4), (4, 8), (8, 10)]
+    with pytest.raises(ValueError):
+        batch_bounds(10, 4, 3)
+
+
+def test_gather_rows_1d_2d_and_bounds():
+    src = np.arange(20.0).reshape(10, 2)
+    idx = np.array([9, 0, 3])
+    out = np.full((5, 2), -1.0)
+    view = gather_rows(src, idx, out)
+    np.testing.assert_array_equal(view, src[idx])
+    assert np.shares_memory(view, out) and view.shape == (3, 2) and out[3, 0] == -1
+    labels = np.arange(10)
+    yout = np.empty(5, dtype=labels.dtype)
+    np.testing.assert_array_equal(gather_rows(labels, idx, yout), [9, 0, 3])
+    with pytest.raises(IndexError):
+        gather_rows(src, np.array([10]), out)
+    with pytest.raises(IndexError):
+        gather_rows(src, np.array([-1]), out)
+    with pytest.raises(ValueError):
+        gather_rows(src, idx, out.astype(np.float32))
+
+
+def test_gather_rows_does_not_allocate_a_copy():
+    src = np.ones((4096, 256), dtype=np.float32)
+    idx = np.arange(0, 4096, 2)
+    out = np.empty((2048, 256), dtype=np.float32)  # 2 MiB
+    gather_rows(src, idx, out)  # warm-up
+    tracemalloc.start()
+    try:
+        gather_rows(src, idx, out)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < out.nbytes // 8
