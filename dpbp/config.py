@@ -68,7 +68,7 @@ class ModelConfig:
     """``[model]``: network shape, activations, loss and numeric precision."""
 
     layers: list[int] = field(
-        default_factory=lambda: [2, 64, 64, 3],
+        default_factory=lambda: [2, 128, 128, 5],
         metadata=_meta(
             "full layer sizes [n_in, hidden..., n_out]; n_in must match the data's "
             "features, n_out its classes/targets",
@@ -117,7 +117,7 @@ class DataConfig:
     """``[data]``: where train/val/test sets come from and how they are normalised."""
 
     train: str = field(
-        default="spirals",
+        default="spirals:n=6000,classes=5,turns=1.5",
         metadata=_meta(
             "training data: built-in name, .npz, x.npy,y.npy, .csv, IDX images,labels",
             nonempty=True,

@@ -41,7 +41,7 @@ def test_defaults_validate_and_match_spec():
     cfg = C.default_config()
     assert C.validate(cfg) == cfg
     assert C.load_config() == cfg
-    assert cfg.model.layers == [2, 64, 64, 3]
+    assert cfg.model.layers == [2, 128, 128, 5]
     assert cfg.train.lr == 0.01 and cfg.train.batch_size == 64
     assert cfg.checkpoint.every_epochs == 1 and cfg.run.dir == "runs/dpbp"
     assert [s.name for s in dataclasses.fields(C.Config)] == [
@@ -67,7 +67,7 @@ def test_every_field_has_help_and_default():
 def test_default_lists_are_not_shared():
     a, b = C.default_config(), C.default_config()
     a.model.layers.append(9)
-    assert b.model.layers == [2, 64, 64, 3]
+    assert b.model.layers == [2, 128, 128, 5]
 
 
 def test_config_is_frozen():
@@ -362,7 +362,7 @@ def test_to_dict_is_plain_and_detached():
     d = C.to_dict(cfg)
     assert json.loads(json.dumps(d)) == d
     d["model"]["layers"].append(1)
-    assert cfg.model.layers == [2, 64, 64, 3]
+    assert cfg.model.layers == [2, 128, 128, 5]
 
 
 def test_replace():

@@ -1,0 +1,321 @@
+"""The ``dpbp`` command line: parse, build the config, call the library, map errors to exit codes.
+
+Exit codes: 0 success; 1 unexpected failure (a bug or the environment; the rank
+is named); 2 bad config, data, checkpoint or command line; 3 training failed
+(non-finite numbers, ranks out of sync). Rank 0 alone prints; an error on any
+rank ends every rank.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import sys
+import traceback
+from importlib import metadata
+from pathlib import Path
+
+import click
+
+from dpbp import __version__
+
+EXAMPLES_TRAIN = """\b
+Examples:
+  dpbp train                                   # embedded default: spirals, about 10 s
+  dpbp train --epochs 5 --set train.optimizer=momentum --set train.lr=0.05
+  dpbp train -c mnist.toml --run-dir runs/mnist
+  mpirun -n 4 dpbp train -c mnist.toml         # same model, 4 ranks
+"""
+
+
+def _echo(comm):
+    """print() on rank 0, nothing elsewhere."""
+    return (lambda text: click.echo(text)) if comm.is_root else (lambda text: None)
+
+
+def collective(fn):
+    """Run a command body on every rank and turn failures into one message and an exit code.
+
+    Errors every rank agreed on (``collective = True``) are printed once by rank 0
+    and end every rank with the error's exit code. Anything else under several ranks
+    is a failure of one rank: it prints its rank and the error, then aborts the
+    whole job, so no rank is left waiting in a collective.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from dpbp.comm import CommError, get_comm
+        from dpbp.errors import DpbpError
+
+        try:
+            comm = get_comm()
+        except CommError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        try:
+            return fn(comm, *args, **kwargs)
+        except (click.exceptions.Exit, click.Abort, click.ClickException):
+            raise
+        except DpbpError as exc:
+            if comm.size == 1 or getattr(exc, "collective", False):
+                if comm.is_root:
+                    click.echo(f"error: {exc}", err=True)
+                sys.exit(exc.exit_code)
+            click.echo(f"error on rank {comm.rank}: {exc}", err=True)
+            comm.abort(exc.exit_code)
+        except KeyboardInterrupt:
+            if comm.is_root:
+                click.echo("interrupted", err=True)
+            if comm.size > 1:
+                comm.abort(130)
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - one rank failed: end the whole job, loudly
+            if comm.size == 1:
+                raise
+            click.echo(f"error on rank {comm.rank}: {type(exc).__name__}: {exc}", err=True)
+            traceback.print_exc()
+            comm.abort(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="dpbp")
+def main():
+    """dpbp: data-parallel backpropagation for multilayer perceptrons.
+
+    \b
+    Run one process:        dpbp train
+    Run on 8 MPI ranks:     mpirun -n 8 dpbp train
+    See the config:         dpbp config show
+    """
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _option_overrides(overrides, **options) -> list[str]:
+    keys = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
+            "seed": "train.seed", "run_dir": "run.dir"}
+    out = list(overrides)
+    for name, value in options.items():
+        if value is not None:
+            out.append(f"{keys[name]}={value!r}" if isinstance(value, float) else f"{keys[name]}={value}")
+    return out
+
+
+def _load_config(comm, config_file, overrides):
+    from dpbp.config import config_hash, load_config
+    from dpbp.train import AgreedError, all_or_nothing
+
+    cfg = all_or_nothing(comm, lambda: load_config(config_file, overrides), "reading the config")
+    hashes = comm.allgather_obj(config_hash(cfg))  # DP: every rank must run the same config
+    differ = [r for r, h in enumerate(hashes) if h != hashes[0]]
+    if differ:
+        raise AgreedError(f"rank(s) {differ} started with a different config than rank 0 "
+                          "(check that every node reads the same config file and options)", 2)
+    return cfg
+
+
+config_option = click.option("--config", "-c", "config_file", type=click.Path(dir_okay=False),
+                             help="TOML config file (start from `dpbp config show > run.toml`).")
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="Override one config key, e.g. --set train.lr=0.05 (repeatable).")
+
+
+@main.command(epilog=EXAMPLES_TRAIN)
+@config_option
+@set_option
+@click.option("--epochs", type=int, help="Number of epochs (train.epochs), e.g. --epochs 20.")
+@click.option("--batch-size", type=int, help="GLOBAL batch size across all ranks (train.batch_size), e.g. 256.")
+@click.option("--lr", type=float, help="Learning rate eta (train.lr), e.g. --lr 0.01.")
+@click.option("--seed", type=int, help="Seed for init, split and shuffle (train.seed), e.g. --seed 1.")
+@click.option("--run-dir", help="Where config.toml, metrics.jsonl and model.npz go (run.dir), e.g. runs/a.")
+@collective
+def train(comm, config_file, overrides, epochs, batch_size, lr, seed, run_dir):
+    """Train a model (one process, or every rank under mpirun/srun)."""
+    from dpbp.train import Trainer, all_or_nothing, write_resolved_config
+
+    echo = _echo(comm)
+    cfg = _load_config(comm, config_file, _option_overrides(
+        overrides, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, run_dir=run_dir))
+    path = Path(cfg.run.dir)
+    all_or_nothing(comm, lambda: write_resolved_config(cfg, path) if comm.is_root else None,
+                   f"creating the run directory {path}")
+    trainer = Trainer(cfg, comm, path, echo=echo)
+    d, m = trainer.data, cfg.model
+    echo(f"dpbp {__version__}: {m.layers} {m.activation}/{m.output}/{m.loss} {m.dtype} on {cfg.data.train!r} "
+         f"({d.train.n_samples} train, {d.val.n_samples if d.val else 0} val"
+         f"{f', {d.test.n_samples} test' if d.test else ''})")
+    echo(f"  {comm.size} rank{'s' if comm.size > 1 else ''} x {trainer.threads} BLAS thread"
+         f"{'s' if trainer.threads > 1 else ''}, global batch {trainer.batch_size}, "
+         f"{trainer.steps_per_epoch} steps/epoch, {cfg.train.optimizer} lr {cfg.train.lr:g}, run dir {path}")
+    result = trainer.run()
+    f = result.final
+    parts = [f"{f['epochs']} epochs, {f['steps']} steps in {f['seconds']:.1f}s"]
+    for role in ("val", "test"):
+        if f"{role}_loss" in f:
+            parts.append(f"{role} loss {f[f'{role}_loss']:.4f} accuracy {100 * f[f'{role}_accuracy']:.2f}%")
+    if result.stopped == "early_stopping":
+        parts.append("stopped early")
+    echo("done: " + " | ".join(parts) + f" | model: {path / 'model.npz'}")
+
+
+# ----------------------------------------------------------------------------- evaluate / predict
+
+
+@main.command(epilog="""\b
+Examples:
+  dpbp evaluate --model runs/dpbp/model.npz --data spirals
+  mpirun -n 2 dpbp evaluate --model m.npz --data t10k-images-idx3-ubyte.gz,t10k-labels-idx1-ubyte.gz --json
+""")
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="A model.npz written by dpbp train.")
+@click.option("--data", "source", required=True,
+              help="Data source: built-in name, .npz, x.npy,y.npy, .csv or IDX images,labels.")
+@click.option("--label-column", default="last", show_default=True, help="CSV label column: last, first, index or name.")
+@click.option("--seed", default=0, show_default=True, help="Seed for built-in data sets.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@collective
+def evaluate(comm, model_path, source, label_column, seed, as_json):
+    """Loss and accuracy of a saved model on a data set (every sample counted once)."""
+    from dpbp import data as data_mod
+    from dpbp.checkpoint import load_model
+    from dpbp.train import all_or_nothing
+    from dpbp.train import evaluate as evaluate_model
+
+    def load():
+        model = load_model(model_path)
+        ds = data_mod.load_source(source, dtype=model.dtype.name, label_column=label_column, seed=seed)
+        data_mod.validate(ds, n_in=model.sizes[0], n_out=model.sizes[-1], loss=model.loss, role="evaluation")
+        return model, ds
+
+    model, ds = all_or_nothing(comm, load, "loading")
+    metrics = evaluate_model(model, ds, comm)
+    echo = _echo(comm)
+    if as_json:
+        echo(json.dumps({"model": model_path, "data": source, **metrics}))
+    else:
+        echo(f"{source}: {metrics['n']} samples, loss {metrics['loss']:.6f}, accuracy {100 * metrics['accuracy']:.2f}%")
+
+
+@main.command(epilog="""\b
+Examples:
+  dpbp predict --model runs/dpbp/model.npz --input points.csv --output predictions.csv
+  mpirun -n 4 dpbp predict --model m.npz --input x.npy --output out.npy
+""")
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="A model.npz written by dpbp train.")
+@click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
+              help="Features only: .npy, .npz (array x) or .csv (numeric, optional header).")
+@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
+              help=".npy (output activations) or .csv (predicted class, then the outputs).")
+@collective
+def predict(comm, model_path, input_path, output_path):
+    """Write a saved model's outputs for every row of a feature file."""
+    import numpy as np
+
+    from dpbp import data as data_mod
+    from dpbp.checkpoint import load_model
+    from dpbp.train import all_or_nothing
+
+    def load():
+        model = load_model(model_path)
+        x = data_mod.load_features(input_path, dtype=model.dtype.name)
+        if x.shape[1] != model.sizes[0]:
+            raise data_mod.DataError(f"{input_path}: rows have {x.shape[1]} features; the model expects "
+                                     f"{model.sizes[0]}")
+        return model, x
+
+    model, x = all_or_nothing(comm, load, "loading")
+    lo, hi = data_mod.shard_bounds(x.shape[0], comm.size, comm.rank)  # DP: my rows
+    local = model.predict(x[lo:hi]) if hi > lo else np.empty((0, model.sizes[-1]), model.dtype)
+    out = comm.gather_rows(local)
+    all_or_nothing(comm, lambda: _write_predictions(output_path, out) if comm.is_root else None,
+                   f"writing {output_path}")
+    _echo(comm)(f"wrote {x.shape[0]} predictions to {output_path}")
+
+
+def _write_predictions(path: str, out) -> None:
+    import numpy as np
+
+    from dpbp.errors import DataError
+
+    target = Path(path)
+    if not target.parent.exists():
+        raise DataError(f"cannot write {path}: folder {target.parent} does not exist")
+    if target.suffix == ".npy":
+        np.save(target, out)
+    elif target.suffix == ".csv":
+        classes = (out[:, 0] > 0.5).astype(int) if out.shape[1] == 1 else np.argmax(out, axis=1)
+        header = "prediction," + ",".join(f"output_{j}" for j in range(out.shape[1]))
+        np.savetxt(target, np.column_stack([classes, out]), delimiter=",", header=header, comments="",
+                   fmt=["%d"] + ["%.8g"] * out.shape[1])
+    else:
+        raise DataError(f"cannot write {path}: use a .npy or .csv file name")
+
+
+# ----------------------------------------------------------------------------- config / info
+
+
+@main.group(name="config")
+def config_group():
+    """Show the resolved config, or the reference of every key."""
+
+
+@config_group.command(name="show", epilog="""\b
+Examples:
+  dpbp config show > run.toml                 # start a config from the defaults
+  dpbp config show -c run.toml --set train.lr=0.1
+  dpbp config show --doc                      # Markdown reference of every key
+""")
+@config_option
+@set_option
+@click.option("--doc", is_flag=True, help="Print the Markdown reference of every key instead.")
+def config_show(config_file, overrides, doc):
+    """Print the resolved config as TOML (defaults, then the file, then --set)."""
+    from dpbp import config as config_mod
+    from dpbp.errors import DpbpError
+
+    if doc:
+        click.echo(config_mod.doc_markdown(), nl=False)
+        return
+    try:
+        cfg = config_mod.load_config(config_file, overrides)
+    except DpbpError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    click.echo(config_mod.to_toml(cfg), nl=False)
+
+
+@main.command(epilog="\b\nExamples:\n  dpbp info\n  mpirun -n 4 dpbp info")
+@collective
+def info(comm):
+    """Versions, the MPI library, the number of ranks and the BLAS threads per rank."""
+    import numpy as np
+
+    from dpbp.threads import blas_info, configure_blas_threads
+
+    threads = configure_blas_threads(0, comm.local_size)
+    try:
+        import mpi4py
+
+        mpi4py_version = mpi4py.__version__
+    except ImportError:
+        mpi4py_version = "not installed (pip install 'dpbp[mpi]')"
+    echo = _echo(comm)
+    echo(f"dpbp          {__version__}")
+    echo(f"python        {platform.python_version()} ({sys.executable})")
+    echo(f"numpy         {np.__version__}")
+    echo(f"click         {metadata.version('click')}")
+    echo(f"mpi4py        {mpi4py_version}")
+    echo(f"MPI library   {comm.library}")
+    echo(f"ranks         {comm.size} ({comm.local_size} on this node)")
+    echo(f"BLAS threads  {threads} per rank")
+    for lib in blas_info():
+        echo(f"BLAS          {lib['library']} {lib['version']} ({lib['path']})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,162 @@
+"""The communicator: the only module that imports mpi4py.
+
+``SerialComm`` (one process, every collective a no-op, no MPI import) and
+``MPIComm`` (mpi4py, buffers on the wire) share one interface, so no code outside
+this module asks whether MPI exists. ``get_comm()`` picks MPI only when the
+process was started by an MPI launcher (mpirun, mpiexec, srun).
+
+Collectives must be called by every rank in the same order; nothing here may be
+called inside ``if comm.is_root``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+# Variables that MPI launchers (MPICH/hydra, Open MPI, PMIx, Slurm's srun with PMI) set per rank.
+LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+class SerialComm:
+    """Size-1 communicator: rank 0 of 1, every collective returns its input."""
+
+    rank = 0
+    size = 1
+    local_size = 1
+    is_root = True
+    library = "none (single process)"
+
+    def allreduce_(self, buf: np.ndarray) -> np.ndarray:
+        """Sum ``buf`` over ranks, in place. Here: nothing to do."""
+        return buf
+
+    def iallreduce_(self, buf: np.ndarray) -> _Done:
+        """Start a non-blocking in-place sum; ``.wait()`` completes it."""
+        return _Done()
+
+    def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
+        return buf
+
+    def bcast_obj(self, obj, root: int = 0):
+        return obj
+
+    def allgather_obj(self, obj) -> list:
+        return [obj]
+
+    def gather_rows(self, local: np.ndarray, root: int = 0) -> np.ndarray | None:
+        return local
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank."""
+        return bool(flag)
+
+    def barrier(self) -> None:
+        pass
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class _Done:
+    def wait(self) -> None:
+        pass
+
+
+class MPIComm:
+    """A communicator over mpi4py (``MPI.COMM_WORLD`` unless another is given)."""
+
+    def __init__(self, comm=None):
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.is_root = self.rank == 0
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_size = node.Get_size()  # ranks on this node: sets BLAS threads per rank
+        node.Free()
+        self.library = " ".join(MPI.Get_library_version().split()[:4])
+        self._flag = np.zeros(1, np.int32)
+
+    def allreduce_(self, buf: np.ndarray) -> np.ndarray:
+        self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        return buf
+
+    def iallreduce_(self, buf: np.ndarray):
+        return self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+
+    def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
+        self.comm.Bcast(buf, root=root)
+        return buf
+
+    def bcast_obj(self, obj, root: int = 0):
+        return self.comm.bcast(obj, root=root)  # small metadata only
+
+    def allgather_obj(self, obj) -> list:
+        return self.comm.allgather(obj)  # small metadata only
+
+    def gather_rows(self, local: np.ndarray, root: int = 0) -> np.ndarray | None:
+        """Concatenate every rank's rows (in rank order) on ``root``; None elsewhere."""
+        local = np.ascontiguousarray(local)
+        counts = np.array(self.comm.allgather(local.shape[0]), np.int64)
+        row = int(np.prod(local.shape[1:], dtype=np.int64))
+        if self.rank != root:
+            self.comm.Gatherv(local, None, root=root)
+            return None
+        out = np.empty((int(counts.sum()),) + local.shape[1:], local.dtype)
+        self.comm.Gatherv(local, (out, counts * row), root=root)
+        return out
+
+    def any(self, flag: bool) -> bool:
+        self._flag[0] = 1 if flag else 0
+        self.comm.Allreduce(self._MPI.IN_PLACE, self._flag, op=self._MPI.MAX)
+        return bool(self._flag[0])
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+def launched_by_mpi(environ=None) -> bool:
+    """True when an MPI launcher started this process (so several ranks may exist)."""
+    env = os.environ if environ is None else environ
+    return any(k in env for k in LAUNCHER_VARS)
+
+
+class CommError(RuntimeError):
+    """MPI was asked for but cannot be used."""
+
+
+def get_comm():
+    """The communicator for this process.
+
+    ``DPBP_COMM=serial`` or ``=mpi`` forces a choice; the default (``auto``) uses MPI
+    exactly when an MPI launcher started the process, so plain ``dpbp train`` never
+    imports mpi4py and works where it is not installed.
+    """
+    choice = os.environ.get("DPBP_COMM", "auto").lower()
+    if choice not in ("auto", "serial", "mpi"):
+        raise CommError(f"DPBP_COMM must be auto, serial or mpi, not {choice!r}")
+    if choice == "serial" or (choice == "auto" and not launched_by_mpi()):
+        return SerialComm()
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError as exc:
+        size = os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "?"
+        if choice == "auto" and size == "1":
+            return SerialComm()
+        raise CommError(
+            f"started by an MPI launcher ({size} ranks) but mpi4py cannot be imported ({exc}); "
+            "install it with: pip install 'dpbp[mpi]'"
+        ) from exc
+    return MPIComm()

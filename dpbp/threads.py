@@ -1,0 +1,48 @@
+"""BLAS threads per rank: cores on this node divided by the ranks on this node.
+
+Oversubscribing cores (ranks x BLAS threads > cores) makes every rank slower
+than running fewer threads, so each rank takes its share. Uses threadpoolctl,
+which changes the thread count of an already-loaded OpenBLAS/MKL/BLIS.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def node_cores() -> int:
+    """Cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def auto_threads(local_ranks: int) -> int:
+    """Threads for one rank when ``local_ranks`` ranks share this node."""
+    return max(1, (os.cpu_count() or 1) // max(1, local_ranks)) if local_ranks > 1 else node_cores()
+
+
+def configure_blas_threads(requested: int, local_ranks: int) -> int:
+    """Set the BLAS thread count (``requested``, or automatic when 0); return what is in force."""
+    threads = requested if requested > 0 else auto_threads(local_ranks)
+    threads = min(threads, node_cores()) if requested <= 0 else threads
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        return threads
+    threadpool_limits(limits=threads, user_api="blas")
+    return threads
+
+
+def blas_info() -> list[dict]:
+    """One entry per loaded BLAS: library, version, threads (for ``dpbp info``)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:  # pragma: no cover
+        return []
+    return [
+        {"library": i.get("internal_api"), "version": i.get("version"), "threads": i.get("num_threads"),
+         "path": i.get("filepath")}
+        for i in threadpool_info() if i.get("user_api") == "blas"
+    ]

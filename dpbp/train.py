@@ -1,0 +1,396 @@
+"""The training loop: the only place where model, optimizer, communicator and data meet.
+
+One step (every rank): take this rank's contiguous shard of the global batch,
+forward + backprop it into the gradient SUM, append (loss sum, row count, correct
+count), one in-place ``Allreduce`` over that single buffer, divide by the global
+row count, apply the same update. Every rank then holds the same parameters, and
+N ranks train the same model as 1 rank up to float rounding, uneven shards
+included (each rank contributes sums; the division happens once, globally).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dpbp import config as config_mod
+from dpbp import data as data_mod
+from dpbp.checkpoint import save_model
+from dpbp.config import Config
+from dpbp.errors import ConfigError, DpbpError
+from dpbp.model import MLP
+from dpbp.optim import LRSchedule, Optimizer, make_optimizer
+from dpbp.progress import Progress
+from dpbp.threads import configure_blas_threads
+
+
+class TrainingError(DpbpError):
+    """Training cannot continue (non-finite numbers, ranks out of sync).
+
+    Raised only from values every rank shares (reduced sums, gathered digests),
+    so all ranks raise it together.
+    """
+
+    exit_code = 3
+    collective = True
+
+
+# ----------------------------------------------------------------------------- agreement
+
+
+class AgreedError(DpbpError):
+    """An error raised on one or more ranks and agreed on by all (see ``all_or_nothing``)."""
+
+    collective = True
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def all_or_nothing(comm, fn: Callable[[], object], what: str = ""):
+    """Run ``fn`` on every rank; if it fails on any rank, raise the same AgreedError on all.
+
+    Lets set-up work (reading config, data, files) fail on one node without
+    leaving the other ranks waiting in a collective. Expected errors (DpbpError)
+    keep their message and exit code; anything else is reported with its type.
+    """
+    result, failure = None, None
+    try:
+        result = fn()
+    except DpbpError as exc:
+        failure = (str(exc), exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - reported collectively below
+        failure = (f"{what}{': ' if what else ''}{type(exc).__name__}: {exc}", 1)
+    failures = comm.allgather_obj(failure)
+    bad = [(rank, f) for rank, f in enumerate(failures) if f is not None]
+    if bad:
+        rank, (message, code) = bad[0]
+        same_everywhere = len(bad) == comm.size and all(f == bad[0][1] for _, f in bad)
+        if comm.size > 1 and not same_everywhere:
+            message = f"rank {rank}: {message}"
+        raise AgreedError(message, code)
+    return result
+
+
+def params_digest(params: np.ndarray) -> str:
+    """Short sha256 of the parameter bytes: equal on all ranks iff the weights are identical."""
+    return hashlib.sha256(params.tobytes()).hexdigest()[:16]
+
+
+def check_in_sync(comm, params: np.ndarray, when: str) -> None:
+    """Raise TrainingError on every rank if any rank's parameters differ from rank 0's."""
+    digests = comm.allgather_obj(params_digest(params))
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise TrainingError(
+            f"ranks out of sync {when}: parameters on rank(s) {differ} differ from rank 0; "
+            "check that every rank runs the same dpbp, numpy and config"
+        )
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class PreparedData:
+    """Normalised data sets (every rank holds the same full arrays) and the input map."""
+
+    train: data_mod.Dataset
+    val: data_mod.Dataset | None
+    test: data_mod.Dataset | None
+    normalizer: data_mod.Normalizer
+
+
+def prepare_data(cfg: Config) -> PreparedData:
+    """Load, validate, split and normalise the configured data sets.
+
+    Deterministic given the config, so every rank builds identical arrays.
+    Raises DataError / ConfigError with messages that name the source or key.
+    """
+    m, d, t = cfg.model, cfg.data, cfg.train
+    load = lambda source: data_mod.load_source(  # noqa: E731
+        source, dtype=m.dtype, label_column=d.label_column, seed=t.seed
+    )
+    train = load(d.train)
+    _check_layers_fit(cfg, train)
+    if d.val:
+        val = load(d.val)
+    else:
+        train, val = data_mod.split_validation(train, d.val_fraction, t.seed)
+    test = load(d.test) if d.test else None
+    n_in, n_out = m.layers[0], m.layers[-1]
+    for role, ds in (("train", train), ("validation", val), ("test", test)):
+        if ds is not None:
+            data_mod.validate(ds, n_in=n_in, n_out=n_out, loss=m.loss, role=role)
+    normalizer = data_mod.Normalizer.fit(d.normalize, train.x)
+    for ds in (train, val, test):
+        if ds is not None:
+            ds.x = normalizer.apply(ds.x)
+    return PreparedData(train, val, test, normalizer)
+
+
+def _check_layers_fit(cfg: Config, train: data_mod.Dataset) -> None:
+    """Raise ConfigError on model.layers unless its ends match the data's features and outputs."""
+    layers = list(cfg.model.layers)
+    n_in = train.n_features
+    if train.y.ndim == 2:
+        n_out, kind = train.y.shape[1], "target columns"
+        fits = layers[-1] == n_out
+    else:
+        n_out, kind = int(train.y.max()) + 1, "classes"
+        fits = layers[-1] >= n_out or (layers[-1] == 1 and n_out <= 2)  # one unit for 0/1 labels
+    if layers[0] != n_in or not fits:
+        fix = [n_in, *layers[1:-1], n_out]
+        raise ConfigError(
+            "model.layers",
+            f"{layers} does not fit the training data {train.source!r} ({n_in} features, {n_out} {kind}); "
+            f"for example --set 'model.layers={fix}'",
+        )
+
+
+def build_model(cfg: Config) -> MLP:
+    m = cfg.model
+    return MLP(m.layers, activation=m.activation, output=m.output, loss=m.loss,
+               init=m.init, dtype=m.dtype, seed=cfg.train.seed)
+
+
+def build_optimizer(cfg: Config, model: MLP) -> Optimizer:
+    t = cfg.train
+    hyper = {
+        "sgd": {},
+        "momentum": {"momentum": t.momentum, "nesterov": t.nesterov},
+        "rmsprop": {"rho": t.rho, "eps": t.eps},
+        "adam": {"beta1": t.beta1, "beta2": t.beta2, "eps": t.eps, "weight_decay": t.weight_decay},
+    }[t.optimizer]
+    return make_optimizer(t.optimizer, model.n_params, model.dtype, **hyper)
+
+
+def build_schedule(cfg: Config, steps_per_epoch: int) -> LRSchedule:
+    t = cfg.train
+    return LRSchedule(
+        t.lr, t.schedule, total_steps=t.epochs * steps_per_epoch,
+        warmup_steps=round(t.warmup_epochs * steps_per_epoch),
+        step_size=t.step_epochs * steps_per_epoch, gamma=t.gamma, min_lr=t.min_lr,
+    )
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model: MLP, ds: data_mod.Dataset, comm) -> dict:
+    """Exact loss and accuracy over ``ds``: each rank takes one contiguous shard, sums are reduced.
+
+    Every sample is counted exactly once across ranks (no padding, no duplicates).
+    Collective: call on every rank.
+    """
+    lo, hi = data_mod.shard_bounds(ds.n_samples, comm.size, comm.rank)  # DP: my rows only
+    stats = model.evaluate_sum(ds.x[lo:hi], ds.y[lo:hi], check=False)
+    sums = np.array([stats.loss_sum, stats.n_correct, stats.n], np.float64)
+    comm.allreduce_(sums)  # DP: global sums and counts
+    n = int(sums[2])
+    return {"loss": sums[0] / n if n else float("nan"), "accuracy": sums[1] / n if n else float("nan"), "n": n}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainState:
+    """Everything global needed to continue a run exactly (no per-rank iterators)."""
+
+    epoch: int = 0  # 0-based epoch in progress
+    step_in_epoch: int = 0  # next step inside that epoch
+    global_step: int = 0  # updates applied so far
+    best_val_loss: float = math.inf
+    epochs_since_best: int = 0
+    epoch_loss_sum: float = 0.0  # running train sums of the epoch in progress
+    epoch_correct: float = 0.0
+    epoch_count: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    model: MLP
+    history: list[dict] = field(default_factory=list)
+    final: dict = field(default_factory=dict)
+    stopped: str = "epochs"
+    state: TrainState = field(default_factory=TrainState)
+
+
+class Trainer:
+    """Data-parallel training of ``cfg`` over ``comm``; rank 0 alone does the side effects."""
+
+    def __init__(self, cfg: Config, comm, run_dir: str | Path | None = None, *,
+                 echo: Callable[[str], None] | None = None, data: PreparedData | None = None):
+        self.cfg, self.comm = cfg, comm
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.echo = echo if echo is not None else print
+        self.data = data if data is not None else all_or_nothing(comm, lambda: prepare_data(cfg), "loading data")
+        self.model = build_model(cfg)
+        check_in_sync(comm, self.model.params, "at start-up")  # DP: same seed must mean same weights
+        self.optimizer = build_optimizer(cfg, self.model)
+        n = self.data.train.n_samples
+        self.batch_size = min(cfg.train.batch_size, n)
+        self.steps_per_epoch = data_mod.num_batches(n, self.batch_size)
+        self.schedule = build_schedule(cfg, self.steps_per_epoch)
+        self.state = TrainState()
+        self.history: list[dict] = []
+        # DP: one contiguous buffer = gradient sum | loss sum | row count | correct count.
+        self.reduce_buf = np.zeros(self.model.n_params + 3, self.model.dtype)
+        self.grad = self.reduce_buf[: self.model.n_params]
+        shard_rows = -(-self.batch_size // comm.size)
+        x, y = self.data.train.x, self.data.train.y
+        self.x_shard = np.empty((shard_rows,) + x.shape[1:], x.dtype)
+        self.y_shard = np.empty((shard_rows,) + y.shape[1:], y.dtype)
+        self.threads = configure_blas_threads(cfg.train.threads, comm.local_size)
+
+    # -------------------------------------------------------------- one step
+
+    def step(self, order: np.ndarray, step_in_epoch: int) -> tuple[float, float, float]:
+        """One global step; returns the global (loss sum, correct, count) of the batch."""
+        comm, model, n_params = self.comm, self.model, self.model.n_params
+        lo, hi = data_mod.batch_bounds(order.shape[0], self.batch_size, step_in_epoch)
+        r0, r1 = data_mod.shard_bounds(hi - lo, comm.size, comm.rank)  # DP: my contiguous shard
+        idx = order[lo + r0 : lo + r1]
+        xs = data_mod.gather_rows(self.data.train.x, idx, self.x_shard)
+        ys = data_mod.gather_rows(self.data.train.y, idx, self.y_shard)
+        stats = model.loss_and_grad_sum(xs, ys, self.grad, check=False)
+        tail = self.reduce_buf[n_params:]
+        tail[0], tail[1], tail[2] = stats.loss_sum, stats.n, stats.n_correct
+        comm.allreduce_(self.reduce_buf)  # DP: the one collective of the step
+        loss_sum, count, correct = (float(v) for v in tail)
+        self.grad /= count  # DP: divide once by the GLOBAL row count
+        if not (math.isfinite(loss_sum) and math.isfinite(float(np.sum(self.grad)))):
+            if self._nonfinite(loss_sum):
+                return loss_sum, correct, count
+        lr = self.schedule(self.state.global_step)
+        self.optimizer.step(model.params, self.grad, lr)
+        return loss_sum, correct, count
+
+    def _nonfinite(self, loss_sum: float) -> bool:
+        """Handle a NaN/Inf batch (identical on all ranks after the reduce): skip or raise."""
+        step = self.state.global_step + 1
+        if not math.isfinite(loss_sum):
+            what = f"loss is {loss_sum}"
+        else:
+            gW, gb = self.model.layer_views(self.grad)
+            layer = next(i for i in range(self.model.n_layers)
+                         if not (np.all(np.isfinite(gW[i])) and np.all(np.isfinite(gb[i]))))
+            what = f"gradient of layer {layer + 1} is not finite"
+        if self.cfg.train.on_nonfinite == "skip":
+            self.echo(f"warning: step {step}: {what}; skipping this update on all ranks") if self.comm.is_root else None
+            return True
+        raise TrainingError(
+            f"step {step} (epoch {self.state.epoch + 1}): {what}; lower train.lr, check the data, "
+            "or set train.on_nonfinite=\"skip\""
+        )
+
+    # -------------------------------------------------------------- epochs
+
+    def run(self, on_step_end: Callable[[Trainer], bool] | None = None) -> TrainResult:
+        """Train until the epoch budget ends or early stopping fires.
+
+        ``on_step_end(trainer)`` runs on every rank after every step; returning True
+        stops the run (it must return the same on every rank).
+        """
+        cfg, comm, st = self.cfg, self.comm, self.state
+        t = cfg.train
+        n = self.data.train.n_samples
+        progress = Progress(self.echo, enabled=comm.is_root, total_steps=t.epochs * self.steps_per_epoch,
+                            steps_per_epoch=self.steps_per_epoch, epochs=t.epochs, log_every=t.log_every)
+        stopped = "epochs"
+        run_start = time.perf_counter()
+        while st.epoch < t.epochs:
+            order = data_mod.epoch_permutation(n, t.seed, st.epoch, t.shuffle)  # DP: same on every rank
+            epoch_start = time.perf_counter()
+            epoch_samples = 0
+            while st.step_in_epoch < self.steps_per_epoch:
+                loss_sum, correct, count = self.step(order, st.step_in_epoch)
+                st.epoch_loss_sum += loss_sum
+                st.epoch_correct += correct
+                st.epoch_count += count
+                st.global_step += 1
+                st.step_in_epoch += 1
+                epoch_samples += int(count)
+                if t.check_sync_every and st.global_step % t.check_sync_every == 0:
+                    check_in_sync(self.comm, self.model.params, f"at step {st.global_step}")
+                progress.step(st.epoch, st.step_in_epoch, st.global_step, loss_sum / max(count, 1.0),
+                              epoch_samples, time.perf_counter() - epoch_start)
+                if on_step_end is not None and on_step_end(self):
+                    return self._finish("interrupted", run_start)
+            seconds = time.perf_counter() - epoch_start
+            record = self._end_of_epoch(seconds, epoch_samples)
+            progress.epoch_summary(record)
+            if self._should_stop_early(record):
+                stopped = "early_stopping"
+                break
+        return self._finish(stopped, run_start)
+
+    def _end_of_epoch(self, seconds: float, samples: int) -> dict:
+        st = self.state
+        record = {
+            "epoch": st.epoch + 1,
+            "step": st.global_step,
+            "train_loss": st.epoch_loss_sum / max(st.epoch_count, 1.0),
+            "train_accuracy": st.epoch_correct / max(st.epoch_count, 1.0),
+            "val_loss": None,
+            "val_accuracy": None,
+            "lr": self.schedule(max(st.global_step - 1, 0)),
+            "samples_per_s": samples / seconds if seconds > 0 else None,
+            "seconds": seconds,
+        }
+        if self.data.val is not None:
+            val = evaluate(self.model, self.data.val, self.comm)
+            record["val_loss"], record["val_accuracy"] = val["loss"], val["accuracy"]
+        self.history.append(record)
+        if self.comm.is_root and self.run_dir is not None:
+            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        st.epoch += 1
+        st.step_in_epoch = 0
+        st.epoch_loss_sum = st.epoch_correct = st.epoch_count = 0.0
+        return record
+
+    def _should_stop_early(self, record: dict) -> bool:
+        """Early stopping on the validation loss (train loss without a validation set).
+
+        Uses reduced, identical-on-every-rank numbers, so every rank decides the same.
+        """
+        st, t = self.state, self.cfg.train
+        metric = record["val_loss"] if record["val_loss"] is not None else record["train_loss"]
+        if metric < st.best_val_loss - t.min_delta:
+            st.best_val_loss, st.epochs_since_best = metric, 0
+        else:
+            st.epochs_since_best += 1
+        return bool(t.early_stopping_patience) and st.epochs_since_best >= t.early_stopping_patience
+
+    def _finish(self, stopped: str, run_start: float) -> TrainResult:
+        final: dict = {"epochs": self.state.epoch, "steps": self.state.global_step,
+                       "seconds": time.perf_counter() - run_start}
+        for role, ds in (("val", self.data.val), ("test", self.data.test)):
+            if ds is not None:
+                metrics = evaluate(self.model, ds, self.comm)
+                final[f"{role}_loss"], final[f"{role}_accuracy"] = metrics["loss"], metrics["accuracy"]
+        if self.comm.is_root and self.run_dir is not None and stopped != "interrupted":
+            norm = self.data.normalizer
+            shift, scale = (norm.shift, norm.scale) if norm.kind != "none" else (None, None)
+            save_model(self.run_dir / "model.npz", self.model, shift, scale,
+                       extra={"normalize": norm.kind, "final": final})
+        return TrainResult(self.model, self.history, final, stopped, self.state)
+
+
+def write_resolved_config(cfg: Config, run_dir: Path) -> None:
+    """Rank 0: create the run directory and write the resolved config into it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(config_mod.to_toml(cfg))
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        metrics.unlink()  # a fresh run starts a fresh log

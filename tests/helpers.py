@@ -1,0 +1,34 @@
+"""Small helpers shared by the tests (importable as ``helpers``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dpbp.config import load_config
+
+
+def small_config(*overrides: str, dtype: str = "float64"):
+    """A quick float64 run whose data (301 rows, 271 after the split) and batch (17) divide by no rank count."""
+    base = [
+        "data.train=spirals:n=301", "data.val_fraction=0.1", "model.layers=[2,8,8,3]",
+        f"model.dtype={dtype}", "train.batch_size=17", "train.epochs=2", "train.lr=0.05",
+        "train.optimizer=adam", "train.check_sync_every=5", "run.dir=unused",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def mpirun(n: int) -> list[str]:
+    """The launcher prefix for n ranks (MPICH from PyPI, or Open MPI run as root)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("mpirun") or shutil.which("mpiexec")
+    if exe is None:
+        raise RuntimeError("mpirun not found: install the MPI extra with pip install '.[mpi,test]'")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    extra = ["--allow-run-as-root", "--oversubscribe"] if "Open MPI" in version else []
+    return [exe, *extra, "-n", str(n)]

@@ -1,0 +1,81 @@
+"""Run under mpirun with several ranks: N ranks train the same model as 1 rank.
+
+Every rank computes the 1-rank reference itself with SerialComm over the same
+config, then compares with the MPI result. Launched by tests/test_mpi_runs.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import max_rel_diff, small_config
+
+from dpbp.comm import MPIComm, SerialComm
+from dpbp.train import Trainer, evaluate
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+
+def quiet(cfg, comm):
+    return Trainer(cfg, comm, None, echo=lambda text: None)
+
+
+@pytest.fixture(params=["serial", "mpi"])
+def comm(request):
+    """Each test here runs once on SerialComm and once on MPIComm(COMM_WORLD)."""
+    return SerialComm() if request.param == "serial" else MPIComm()
+
+
+@pytest.mark.parametrize("batch", [17, 2, 1])  # 2 and 1 leave some ranks with zero rows
+def test_one_step_equals_one_rank(batch):
+    cfg = small_config(f"train.batch_size={batch}", "train.optimizer=sgd")
+    ref, dist = quiet(cfg, SerialComm()), quiet(cfg, MPIComm())
+    order = np.arange(ref.data.train.n_samples)
+    ref_out = ref.step(order, 3)
+    dist_out = dist.step(order, 3)
+    assert dist_out[2] == ref_out[2] == batch  # global count, every row once
+    assert dist_out[1] == ref_out[1]
+    assert abs(dist_out[0] - ref_out[0]) <= 1e-12 * abs(ref_out[0])
+    assert max_rel_diff(dist.model.params, ref.model.params) < 1e-12
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "rmsprop", "adam"])
+def test_whole_run_equals_one_rank(optimizer):
+    cfg = small_config(f"train.optimizer={optimizer}", "train.schedule=cosine", "train.warmup_epochs=0.5")
+    ref = quiet(cfg, SerialComm()).run()
+    dist = quiet(cfg, MPIComm()).run()
+    assert max_rel_diff(dist.model.params, ref.model.params) < 1e-10
+    assert ref.state.global_step == dist.state.global_step == 2 * 16
+    for a, b in zip(ref.history, dist.history):
+        assert abs(a["val_loss"] - b["val_loss"]) <= 1e-10 * a["val_loss"]
+        assert a["val_accuracy"] == b["val_accuracy"]
+
+
+def test_weights_identical_on_every_rank_after_training():
+    world = MPIComm()
+    result = quiet(small_config(dtype="float32"), world).run()
+    digests = world.comm.allgather(result.model.params.tobytes())
+    assert all(d == digests[0] for d in digests)
+
+
+def test_initial_weights_agree_and_divergence_is_caught():
+    from dpbp.train import TrainingError, check_in_sync
+
+    world = MPIComm()
+    trainer = quiet(small_config(), world)
+    check_in_sync(world, trainer.model.params, "now")  # equal: no error
+    if world.rank == world.size - 1:
+        trainer.model.params[0] += 1e-9
+    with pytest.raises(TrainingError, match=rf"rank\(s\) \[{world.size - 1}\] differ"):
+        check_in_sync(world, trainer.model.params, "now")
+
+
+def test_evaluation_counts_every_sample_once(comm):
+    cfg = small_config()
+    trainer = quiet(cfg, comm)
+    ds = trainer.data.val  # 30 rows: uneven over 4 ranks
+    got = evaluate(trainer.model, ds, comm)
+    full = trainer.model.evaluate_sum(ds.x, ds.y)
+    assert got["n"] == ds.n_samples == full.n
+    assert got["accuracy"] == full.n_correct / full.n
+    assert abs(got["loss"] - full.loss_sum / full.n) <= 1e-12 * abs(got["loss"])
