@@ -14,13 +14,12 @@ import io
 import json
 import os
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from dpbp import __version__
-from dpbp.errors import CheckpointError
+from dpbp.errors import CheckpointError, SaveError
 from dpbp.model import MLP
 
 MODEL_FORMAT = "dpbp-model"
@@ -38,14 +37,22 @@ def payload_digest(arrays: dict[str, np.ndarray]) -> str:
 
 
 def atomic_write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """Write ``arrays`` plus JSON ``meta`` (with a payload sha256) to ``path`` atomically."""
+    """Write ``arrays`` plus JSON ``meta`` to ``path`` atomically.
+
+    The file also holds ``sha256``: the digest of the metadata and every array,
+    so any change to either is detected by ``read_npz``.
+    """
     path = Path(path)
-    meta = dict(meta, sha256=payload_digest(arrays))
     blob = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8)
+    payload = {"meta": blob, **arrays}
+    digest = np.frombuffer(payload_digest(payload).encode(), np.uint8)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from the user's group
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, meta=blob, **arrays)
+            np.savez(fh, sha256=digest, **payload)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -66,7 +73,7 @@ def read_npz(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray],
     """Read and verify a file written by ``atomic_write_npz``: (arrays, meta).
 
     Raises CheckpointError naming the file for anything missing, unreadable,
-    truncated, tampered with (sha256 mismatch) or of another ``kind``.
+    truncated, tampered with (sha256 mismatch) or not a dpbp file.
     """
     path = Path(path)
     if not path.is_file():
@@ -75,21 +82,20 @@ def read_npz(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray],
         data = path.read_bytes()
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise CheckpointError(f"{path} is not a readable {kind} file ({exc})") from None
-    except Exception as exc:  # zlib/zipfile raise assorted errors on corrupt members
+    except Exception as exc:  # zipfile/zlib/numpy raise assorted errors on corrupt files
         raise CheckpointError(f"{path} is not a readable {kind} file ({type(exc).__name__}: {exc})") from None
-    blob = arrays.pop("meta", None)
-    if blob is None or blob.dtype != np.uint8 or blob.ndim != 1:
-        raise CheckpointError(f"{path} is not a dpbp {kind} file (no metadata)")
+    digest, blob = arrays.pop("sha256", None), arrays.get("meta")
+    if digest is None or blob is None or blob.dtype != np.uint8 or blob.ndim != 1 or digest.dtype != np.uint8:
+        raise CheckpointError(f"{path} is not a dpbp {kind} file (no metadata or checksum)")
+    if digest.tobytes() != payload_digest(arrays).encode():
+        raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt or was modified")
+    del arrays["meta"]
     try:
         meta = json.loads(blob.tobytes().decode())
         if not isinstance(meta, dict):
             raise ValueError("metadata is not an object")
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupt metadata ({exc})") from None
-    if meta.get("sha256") != payload_digest(arrays):
-        raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt or was modified")
     return arrays, meta
 
 
@@ -111,7 +117,10 @@ def save_model(path: str | os.PathLike, model: MLP, shift: np.ndarray | None = N
         "format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "dpbp_version": __version__,
         "model": model.describe(), **(extra or {}),
     }
-    atomic_write_npz(path, {"params": params}, meta)
+    try:
+        atomic_write_npz(path, {"params": params}, meta)
+    except OSError as exc:
+        raise SaveError(f"could not write model {path}: {exc.strerror or exc}") from None
 
 
 def load_model(path: str | os.PathLike) -> MLP:
@@ -129,3 +138,66 @@ def load_model(path: str | os.PathLike) -> MLP:
         raise CheckpointError(f"{path}: parameters do not match the model description {spec}")
     model.params[...] = params
     return model
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+
+CHECKPOINT_FORMAT = "dpbp-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+BEST_NAME = "best.npz"
+
+
+def checkpoint_name(global_step: int) -> str:
+    return f"step-{global_step:09d}.npz"
+
+
+def save_checkpoint(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Atomically write a training checkpoint (arrays: params and optimizer state; meta: JSON state)."""
+    meta = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "dpbp_version": __version__, **meta}
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_npz(path, arrays, meta)
+    except OSError as exc:
+        raise SaveError(f"could not write checkpoint {path}: {exc.strerror or exc}") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """Read and verify a checkpoint; raise CheckpointError (naming the file) for anything wrong."""
+    arrays, meta = read_npz(path, "checkpoint")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a dpbp training checkpoint (format {meta.get('format')!r})")
+    if meta.get("format_version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {meta.get('format_version')} is not supported "
+                              f"by dpbp {__version__} (expects {CHECKPOINT_VERSION})")
+    missing = [k for k in ("config", "model", "state", "optimizer", "history") if k not in meta]
+    if missing or "params" not in arrays:
+        raise CheckpointError(f"{path}: incomplete checkpoint (missing {missing or ['params']})")
+    return arrays, meta
+
+
+def periodic_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The step-N checkpoints in ``folder``, oldest first (by step in the name)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step-*.npz") if p.stem[5:].isdigit())
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint in ``folder`` that loads and verifies, and why newer ones were skipped."""
+    skipped = []
+    for path in reversed(periodic_checkpoints(folder)):
+        try:
+            load_checkpoint(path)
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+            continue
+        return path, skipped
+    return None, skipped
+
+
+def prune_checkpoints(folder: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` periodic checkpoints (best.npz is never touched)."""
+    for path in periodic_checkpoints(folder)[:-keep] if keep > 0 else []:
+        path.unlink(missing_ok=True)

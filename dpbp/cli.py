@@ -105,17 +105,36 @@ def _option_overrides(overrides, **options) -> list[str]:
     return out
 
 
-def _load_config(comm, config_file, overrides):
+def _load_config(comm, config_file, overrides, base=None):
     from dpbp.config import config_hash, load_config
     from dpbp.train import AgreedError, all_or_nothing
 
-    cfg = all_or_nothing(comm, lambda: load_config(config_file, overrides), "reading the config")
+    cfg = all_or_nothing(comm, lambda: load_config(config_file, overrides, base=base), "reading the config")
     hashes = comm.allgather_obj(config_hash(cfg))  # DP: every rank must run the same config
     differ = [r for r, h in enumerate(hashes) if h != hashes[0]]
     if differ:
         raise AgreedError(f"rank(s) {differ} started with a different config than rank 0 "
                           "(check that every node reads the same config file and options)", 2)
     return cfg
+
+
+def _find_checkpoint(comm, resume: str, run_dir: Path, echo):
+    """The checkpoint to resume from: ``resume`` itself, or the newest valid one for ``auto``."""
+    from dpbp import checkpoint as ckpt
+    from dpbp.train import all_or_nothing
+
+    if resume != "auto":
+        return Path(resume)
+    folder = run_dir / ckpt.CHECKPOINT_DIR
+    # DP: rank 0 picks, everyone follows (ranks must not pick different files).
+    found = all_or_nothing(comm, lambda: ckpt.latest_checkpoint(folder) if comm.is_root else None,
+                           f"looking for checkpoints in {folder}")
+    path, skipped = comm.bcast_obj(found)
+    for reason in skipped:
+        echo(f"warning: skipping invalid checkpoint: {reason}")
+    if path is None:
+        echo(f"no checkpoint in {folder}: starting a new run")
+    return path
 
 
 config_option = click.option("--config", "-c", "config_file", type=click.Path(dir_okay=False),
@@ -132,18 +151,37 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 @click.option("--lr", type=float, help="Learning rate eta (train.lr), e.g. --lr 0.01.")
 @click.option("--seed", type=int, help="Seed for init, split and shuffle (train.seed), e.g. --seed 1.")
 @click.option("--run-dir", help="Where config.toml, metrics.jsonl and model.npz go (run.dir), e.g. runs/a.")
+@click.option("--resume", metavar="PATH|auto",
+              help="Continue from a checkpoint file, or 'auto': the newest valid one in the run directory "
+                   "(a new run if there is none), e.g. --resume auto.")
 @collective
-def train(comm, config_file, overrides, epochs, batch_size, lr, seed, run_dir):
-    """Train a model (one process, or every rank under mpirun/srun)."""
+def train(comm, config_file, overrides, epochs, batch_size, lr, seed, run_dir, resume):
+    """Train a model (one process, or every rank under mpirun/srun).
+
+    SIGTERM, SIGINT or SIGUSR1 make every rank finish its step, write a checkpoint and exit with
+    code 75; run the same command with --resume auto to continue exactly.
+    """
+    from dpbp import checkpoint as ckpt
+    from dpbp.config import from_dict
+    from dpbp.signals import StopRequest
     from dpbp.train import Trainer, all_or_nothing, write_resolved_config
 
+    stop = StopRequest().install()  # first thing: a signal during set-up still stops cleanly
     echo = _echo(comm)
-    cfg = _load_config(comm, config_file, _option_overrides(
-        overrides, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, run_dir=run_dir))
+    overrides = _option_overrides(overrides, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                  run_dir=run_dir)
+    cfg = _load_config(comm, config_file, overrides)
+    checkpoint = _find_checkpoint(comm, resume, Path(cfg.run.dir), echo) if resume else None
+    if checkpoint is not None:
+        # The checkpoint's config is the base; the file and options given now apply on top of it.
+        meta = all_or_nothing(comm, lambda: ckpt.load_checkpoint(checkpoint)[1], f"reading {checkpoint}")
+        base = all_or_nothing(comm, lambda: from_dict(meta["config"]), f"the config saved in {checkpoint}")
+        cfg = _load_config(comm, config_file, overrides, base=base)
     path = Path(cfg.run.dir)
-    all_or_nothing(comm, lambda: write_resolved_config(cfg, path) if comm.is_root else None,
-                   f"creating the run directory {path}")
-    trainer = Trainer(cfg, comm, path, echo=echo)
+    all_or_nothing(comm, lambda: write_resolved_config(cfg, path, fresh=checkpoint is None) if comm.is_root
+                   else None, f"creating the run directory {path}")
+    trainer = Trainer(cfg, comm, path, echo=echo, stop_requested=lambda: stop.requested)
+    trainer.stop_reason = "a stop signal"
     d, m = trainer.data, cfg.model
     echo(f"dpbp {__version__}: {m.layers} {m.activation}/{m.output}/{m.loss} {m.dtype} on {cfg.data.train!r} "
          f"({d.train.n_samples} train, {d.val.n_samples if d.val else 0} val"
@@ -151,6 +189,11 @@ def train(comm, config_file, overrides, epochs, batch_size, lr, seed, run_dir):
     echo(f"  {comm.size} rank{'s' if comm.size > 1 else ''} x {trainer.threads} BLAS thread"
          f"{'s' if trainer.threads > 1 else ''}, global batch {trainer.batch_size}, "
          f"{trainer.steps_per_epoch} steps/epoch, {cfg.train.optimizer} lr {cfg.train.lr:g}, run dir {path}")
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        st = trainer.state
+        echo(f"  resumed from {checkpoint}: epoch {st.epoch + 1}, step {st.step_in_epoch}/{trainer.steps_per_epoch} "
+             f"(global step {st.global_step})")
     result = trainer.run()
     f = result.final
     parts = [f"{f['epochs']} epochs, {f['steps']} steps in {f['seconds']:.1f}s"]

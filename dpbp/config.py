@@ -682,12 +682,15 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
     return section, name, value
 
 
-def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the TOML file at ``path`` (if any), then ``key=value`` overrides.
+def load_config(
+    path: str | None = None, overrides: Sequence[str] = (), base: Config | None = None
+) -> Config:
+    """Defaults (or ``base``), then the TOML file at ``path`` (if any), then ``key=value`` overrides.
 
-    Later overrides win. Returns a validated Config; every problem (missing or
-    unreadable file, TOML syntax, unknown key, wrong type, bad value) raises
-    ConfigError.
+    Later overrides win; ``base`` (e.g. a checkpoint's saved config) replaces the
+    defaults, and the file's keys replace base keys one by one. Returns a validated
+    Config; every problem (missing or unreadable file, TOML syntax, unknown key,
+    wrong type, bad value) raises ConfigError.
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -702,6 +705,14 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
             raise ConfigError("", f"{path}: not UTF-8 text: {e}") from None
         except OSError as e:
             raise ConfigError("", f"{path}: cannot read: {e.strerror or e}") from None
+    if base is not None:
+        merged: dict[str, Any] = to_dict(base)
+        for section, table in raw.items():
+            if isinstance(table, dict) and isinstance(merged.get(section), dict):
+                merged[section].update(table)
+            else:
+                merged[section] = table
+        raw = merged
     if isinstance(overrides, str):  # a lone string would be iterated per character
         overrides = [overrides]
     for item in overrides:

@@ -32,3 +32,9 @@ class DataError(DpbpError):
 
 class CheckpointError(DpbpError):
     """A checkpoint or model file is missing, corrupt, or belongs to another model."""
+
+
+class SaveError(DpbpError):
+    """A file could not be written (full disk, read-only or missing folder)."""
+
+    exit_code = 1

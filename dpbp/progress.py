@@ -61,11 +61,16 @@ class Progress:
         else:
             self.echo(line)
 
+    def clear(self) -> None:
+        """Erase a redrawn progress line before other output."""
+        if self.tty:
+            sys.stdout.write("\r" + " " * 78 + "\r")
+            sys.stdout.flush()
+
     def epoch_summary(self, r: dict) -> None:
         if not self.enabled:
             return
-        if self.tty:
-            sys.stdout.write("\r" + " " * 78 + "\r")
+        self.clear()
         val = ""
         if r.get("val_loss") is not None:
             val = f" | val loss {r['val_loss']:.4f} acc {100 * r['val_accuracy']:.2f}%"

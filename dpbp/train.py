@@ -10,6 +10,7 @@ included (each rank contributes sums; the division happens once, globally).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -20,14 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
+from dpbp import checkpoint as ckpt
 from dpbp import config as config_mod
 from dpbp import data as data_mod
 from dpbp.checkpoint import save_model
 from dpbp.config import Config
-from dpbp.errors import ConfigError, DpbpError
+from dpbp.errors import CheckpointError, ConfigError, DpbpError, SaveError
 from dpbp.model import MLP
 from dpbp.optim import LRSchedule, Optimizer, make_optimizer
 from dpbp.progress import Progress
+from dpbp.signals import PREEMPTED_EXIT_CODE
 from dpbp.threads import configure_blas_threads
 
 
@@ -202,9 +205,25 @@ def evaluate(model: MLP, ds: data_mod.Dataset, comm) -> dict:
 # ----------------------------------------------------------------------------- the loop
 
 
+class Preempted(DpbpError):
+    """A stop signal reached some rank; all ranks checkpointed and stop (requeue and resume)."""
+
+    exit_code = PREEMPTED_EXIT_CODE
+    collective = True
+
+
+# Changing these between a checkpoint and its resume would change the data order or the model.
+FROZEN_ON_RESUME = ("model.", "data.train", "data.val", "data.val_fraction", "data.normalize",
+                    "data.label_column", "train.batch_size", "train.seed", "train.shuffle", "train.optimizer")
+
+
 @dataclass
 class TrainState:
-    """Everything global needed to continue a run exactly (no per-rank iterators)."""
+    """Everything global needed to continue a run exactly (no per-rank iterators).
+
+    The shuffle is a pure function of (seed, epoch) and the learning rate of the
+    global step, so this plus parameters and optimizer state is the whole run.
+    """
 
     epoch: int = 0  # 0-based epoch in progress
     step_in_epoch: int = 0  # next step inside that epoch
@@ -214,6 +233,18 @@ class TrainState:
     epoch_loss_sum: float = 0.0  # running train sums of the epoch in progress
     epoch_correct: float = 0.0
     epoch_count: float = 0.0
+    stopped: str = ""  # "early_stopping" once early stopping fired
+
+    def to_json(self) -> dict:
+        d = dict(self.__dict__)
+        d["best_val_loss"] = None if math.isinf(self.best_val_loss) else self.best_val_loss
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> TrainState:
+        d = dict(d)
+        d["best_val_loss"] = math.inf if d.get("best_val_loss") is None else d["best_val_loss"]
+        return cls(**d)
 
 
 @dataclass
@@ -226,13 +257,20 @@ class TrainResult:
 
 
 class Trainer:
-    """Data-parallel training of ``cfg`` over ``comm``; rank 0 alone does the side effects."""
+    """Data-parallel training of ``cfg`` over ``comm``; rank 0 alone does the side effects.
+
+    ``stop_requested()`` (default: never) is polled every step; when it is true on
+    any rank, all ranks finish the step, checkpoint and raise Preempted.
+    """
 
     def __init__(self, cfg: Config, comm, run_dir: str | Path | None = None, *,
-                 echo: Callable[[str], None] | None = None, data: PreparedData | None = None):
+                 echo: Callable[[str], None] | None = None, data: PreparedData | None = None,
+                 stop_requested: Callable[[], bool] | None = None):
         self.cfg, self.comm = cfg, comm
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.echo = echo if echo is not None else print
+        self.stop_requested = stop_requested or (lambda: False)
+        self.stop_reason = "a stop signal"
         self.data = data if data is not None else all_or_nothing(comm, lambda: prepare_data(cfg), "loading data")
         self.model = build_model(cfg)
         check_in_sync(comm, self.model.params, "at start-up")  # DP: same seed must mean same weights
@@ -243,8 +281,10 @@ class Trainer:
         self.schedule = build_schedule(cfg, self.steps_per_epoch)
         self.state = TrainState()
         self.history: list[dict] = []
-        # DP: one contiguous buffer = gradient sum | loss sum | row count | correct count.
-        self.reduce_buf = np.zeros(self.model.n_params + 3, self.model.dtype)
+        self._last_saved_step = -1
+        self.stop_votes = 0.0
+        # DP: one contiguous buffer = gradient sum | loss sum | row count | correct count | stop votes.
+        self.reduce_buf = np.zeros(self.model.n_params + 4, self.model.dtype)
         self.grad = self.reduce_buf[: self.model.n_params]
         shard_rows = -(-self.batch_size // comm.size)
         x, y = self.data.train.x, self.data.train.y
@@ -265,8 +305,10 @@ class Trainer:
         stats = model.loss_and_grad_sum(xs, ys, self.grad, check=False)
         tail = self.reduce_buf[n_params:]
         tail[0], tail[1], tail[2] = stats.loss_sum, stats.n, stats.n_correct
+        tail[3] = 1.0 if self.stop_requested() else 0.0  # DP: the stop vote rides in the same Allreduce
         comm.allreduce_(self.reduce_buf)  # DP: the one collective of the step
-        loss_sum, count, correct = (float(v) for v in tail)
+        loss_sum, count, correct = (float(v) for v in tail[:3])
+        self.stop_votes = float(tail[3])
         self.grad /= count  # DP: divide once by the GLOBAL row count
         if not (math.isfinite(loss_sum) and math.isfinite(float(np.sum(self.grad)))):
             if self._nonfinite(loss_sum):
@@ -286,7 +328,8 @@ class Trainer:
                          if not (np.all(np.isfinite(gW[i])) and np.all(np.isfinite(gb[i]))))
             what = f"gradient of layer {layer + 1} is not finite"
         if self.cfg.train.on_nonfinite == "skip":
-            self.echo(f"warning: step {step}: {what}; skipping this update on all ranks") if self.comm.is_root else None
+            if self.comm.is_root:
+                self.echo(f"warning: step {step}: {what}; skipping this update on all ranks")
             return True
         raise TrainingError(
             f"step {step} (epoch {self.state.epoch + 1}): {what}; lower train.lr, check the data, "
@@ -296,19 +339,20 @@ class Trainer:
     # -------------------------------------------------------------- epochs
 
     def run(self, on_step_end: Callable[[Trainer], bool] | None = None) -> TrainResult:
-        """Train until the epoch budget ends or early stopping fires.
+        """Train until the epoch budget ends or early stopping fires (resuming from ``state``).
 
         ``on_step_end(trainer)`` runs on every rank after every step; returning True
-        stops the run (it must return the same on every rank).
+        stops the run without saving (it must return the same on every rank).
+        Raises Preempted after checkpointing when a stop was requested.
         """
-        cfg, comm, st = self.cfg, self.comm, self.state
-        t = cfg.train
+        cfg, st = self.cfg, self.state
+        t, ck = cfg.train, cfg.checkpoint
         n = self.data.train.n_samples
-        progress = Progress(self.echo, enabled=comm.is_root, total_steps=t.epochs * self.steps_per_epoch,
-                            steps_per_epoch=self.steps_per_epoch, epochs=t.epochs, log_every=t.log_every)
-        stopped = "epochs"
+        progress = Progress(self.echo, enabled=self.comm.is_root, total_steps=t.epochs * self.steps_per_epoch,
+                            steps_per_epoch=self.steps_per_epoch, epochs=t.epochs, log_every=t.log_every,
+                            start_step=st.global_step)
         run_start = time.perf_counter()
-        while st.epoch < t.epochs:
+        while st.epoch < t.epochs and not st.stopped:
             order = data_mod.epoch_permutation(n, t.seed, st.epoch, t.shuffle)  # DP: same on every rank
             epoch_start = time.perf_counter()
             epoch_samples = 0
@@ -324,15 +368,34 @@ class Trainer:
                     check_in_sync(self.comm, self.model.params, f"at step {st.global_step}")
                 progress.step(st.epoch, st.step_in_epoch, st.global_step, loss_sum / max(count, 1.0),
                               epoch_samples, time.perf_counter() - epoch_start)
+                if st.step_in_epoch < self.steps_per_epoch:  # the epoch's last step saves below
+                    if self.stop_votes > 0:
+                        self._preempt(progress)
+                    if ck.every_steps and st.global_step % ck.every_steps == 0:
+                        self.save_checkpoint()
                 if on_step_end is not None and on_step_end(self):
                     return self._finish("interrupted", run_start)
             seconds = time.perf_counter() - epoch_start
             record = self._end_of_epoch(seconds, epoch_samples)
             progress.epoch_summary(record)
-            if self._should_stop_early(record):
-                stopped = "early_stopping"
-                break
-        return self._finish(stopped, run_start)
+            improved = self._update_early_stopping(record)
+            if improved and ck.keep_best and record["val_loss"] is not None:
+                self.save_checkpoint(best=True)
+            if (self.stop_votes > 0 or (ck.every_steps and st.global_step % ck.every_steps == 0)
+                    or (ck.every_epochs and st.epoch % ck.every_epochs == 0)):
+                self.save_checkpoint()
+            if self.stop_votes > 0:
+                self._preempt(progress)
+        result = self._finish(st.stopped or "epochs", run_start)
+        self.save_checkpoint()  # a finished run resumes as a no-op (requeue-safe)
+        return result
+
+    def _preempt(self, progress: Progress) -> None:
+        path = self.save_checkpoint()
+        progress.clear()
+        where = f"; checkpoint {path}" if path else " (no run directory: nothing saved)"
+        raise Preempted(f"stopped by {self.stop_reason} at step {self.state.global_step}{where}; "
+                        f"continue with: dpbp train --resume auto (same options)")
 
     def _end_of_epoch(self, seconds: float, samples: int) -> dict:
         st = self.state
@@ -359,18 +422,21 @@ class Trainer:
         st.epoch_loss_sum = st.epoch_correct = st.epoch_count = 0.0
         return record
 
-    def _should_stop_early(self, record: dict) -> bool:
-        """Early stopping on the validation loss (train loss without a validation set).
+    def _update_early_stopping(self, record: dict) -> bool:
+        """Track the best validation loss (train loss without a validation set); True if it improved.
 
         Uses reduced, identical-on-every-rank numbers, so every rank decides the same.
         """
         st, t = self.state, self.cfg.train
         metric = record["val_loss"] if record["val_loss"] is not None else record["train_loss"]
-        if metric < st.best_val_loss - t.min_delta:
+        improved = metric < st.best_val_loss - t.min_delta
+        if improved:
             st.best_val_loss, st.epochs_since_best = metric, 0
         else:
             st.epochs_since_best += 1
-        return bool(t.early_stopping_patience) and st.epochs_since_best >= t.early_stopping_patience
+        if t.early_stopping_patience and st.epochs_since_best >= t.early_stopping_patience:
+            st.stopped = "early_stopping"
+        return improved
 
     def _finish(self, stopped: str, run_start: float) -> TrainResult:
         final: dict = {"epochs": self.state.epoch, "steps": self.state.global_step,
@@ -379,18 +445,133 @@ class Trainer:
             if ds is not None:
                 metrics = evaluate(self.model, ds, self.comm)
                 final[f"{role}_loss"], final[f"{role}_accuracy"] = metrics["loss"], metrics["accuracy"]
-        if self.comm.is_root and self.run_dir is not None and stopped != "interrupted":
+        if self.run_dir is not None and stopped != "interrupted":
             norm = self.data.normalizer
             shift, scale = (norm.shift, norm.scale) if norm.kind != "none" else (None, None)
-            save_model(self.run_dir / "model.npz", self.model, shift, scale,
-                       extra={"normalize": norm.kind, "final": final})
+            all_or_nothing(self.comm, lambda: save_model(
+                self.run_dir / "model.npz", self.model, shift, scale, extra={"normalize": norm.kind, "final": final},
+            ) if self.comm.is_root else None, "saving the model")
         return TrainResult(self.model, self.history, final, stopped, self.state)
 
+    # -------------------------------------------------------------- checkpoints
 
-def write_resolved_config(cfg: Config, run_dir: Path) -> None:
-    """Rank 0: create the run directory and write the resolved config into it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(config_mod.to_toml(cfg))
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        metrics.unlink()  # a fresh run starts a fresh log
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.run_dir / ckpt.CHECKPOINT_DIR if self.run_dir is not None else None
+
+    def checkpoint_payload(self) -> tuple[dict[str, np.ndarray], dict]:
+        """(arrays, metadata) describing the run at this step boundary: global state only."""
+        arrays = {"params": self.model.params}
+        for name, value in self.optimizer.state_dict().items():
+            arrays[f"optim_{name}"] = value
+        meta = {
+            "config": config_mod.to_dict(self.cfg),
+            "model": self.model.describe(),
+            "optimizer": {"name": self.optimizer.name, "t": self.optimizer.t},
+            "schedule": {"kind": self.cfg.train.schedule, "lr_next": self.schedule(self.state.global_step)},
+            "state": self.state.to_json(),
+            "rng": {"shuffle": "numpy default_rng([train.seed, epoch])", "seed": self.cfg.train.seed},
+            "history": self.history,
+            "world_size": self.comm.size,  # informational: resuming on another rank count is fine
+            "data_digest": self.data_digest,
+        }
+        return arrays, meta
+
+    @functools.cached_property
+    def data_digest(self) -> str:
+        """sha256 of the (normalised) training arrays: a resume must see the same data."""
+        h = hashlib.sha256()
+        for a in (self.data.train.x, self.data.train.y):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:32]
+
+    def save_checkpoint(self, best: bool = False) -> Path | None:
+        """Rank 0 writes a checkpoint (collective: call on every rank). Returns its path."""
+        folder = self.checkpoint_dir
+        if folder is None:
+            return None
+        st = self.state
+        if best:
+            path = folder / ckpt.BEST_NAME
+        else:
+            path = folder / ckpt.checkpoint_name(st.global_step)
+            if self._last_saved_step == st.global_step:
+                return path
+            self._last_saved_step = st.global_step
+        arrays, meta = self.checkpoint_payload() if self.comm.is_root else (None, None)
+
+        def write():
+            if self.comm.is_root:
+                ckpt.save_checkpoint(path, arrays, meta)
+                if not best:
+                    ckpt.prune_checkpoints(folder, self.cfg.checkpoint.keep)
+
+        all_or_nothing(self.comm, write, f"writing checkpoint {path}")  # DP: a full disk ends every rank
+        return path
+
+    def restore(self, path: str | Path) -> None:
+        """Continue from checkpoint ``path`` (collective). Refuses one of another model or data."""
+
+        def load():
+            arrays, meta = ckpt.load_checkpoint(path)
+            self._check_compatible(path, arrays, meta)
+            return arrays, meta
+
+        arrays, meta = all_or_nothing(self.comm, load, f"reading checkpoint {path}")
+        self.model.params[...] = arrays["params"]
+        prefix = "optim_"
+        self.optimizer.load_state_dict({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+        self.state = TrainState.from_json(meta["state"])
+        self.history = list(meta["history"])
+        self._last_saved_step = self.state.global_step
+        check_in_sync(self.comm, self.model.params, "after loading the checkpoint")
+        if self.comm.is_root and self.run_dir is not None:  # the log continues from the checkpoint
+            with open(self.run_dir / "metrics.jsonl", "w") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in self.history)
+
+    def _check_compatible(self, path, arrays: dict, meta: dict) -> None:
+        mine, theirs = self.model.describe(), meta["model"]
+        keys = ("sizes", "activation", "output", "loss", "dtype")
+        differ = [f"{k}: checkpoint {theirs.get(k)!r}, config {mine[k]!r}" for k in keys if theirs.get(k) != mine[k]]
+        if differ:
+            raise CheckpointError(f"{path} holds a different model ({'; '.join(differ)})")
+        params = arrays["params"]
+        if params.shape != self.model.params.shape or params.dtype != self.model.dtype:
+            raise CheckpointError(f"{path}: parameters do not match the model description")
+        if meta["optimizer"].get("name") != self.optimizer.name:
+            raise CheckpointError(f"{path} was trained with optimizer {meta['optimizer'].get('name')!r}; "
+                                  f"the config asks for {self.optimizer.name!r}")
+        saved = _flatten(meta["config"])
+        frozen = [k for k, v in _flatten(config_mod.to_dict(self.cfg)).items()
+                  if k.startswith(FROZEN_ON_RESUME) and saved.get(k) != v]
+        if frozen:
+            raise CheckpointError(f"{path}: cannot resume with changed {', '.join(frozen)} "
+                                  "(they define the model or the data order); start a new run directory instead")
+        if meta.get("data_digest") != self.data_digest:
+            raise CheckpointError(f"{path}: the training data differs from the data this checkpoint was trained on")
+        try:
+            self.optimizer.__class__(self.model.n_params, self.model.dtype).load_state_dict(
+                {k[len("optim_"):]: v for k, v in arrays.items() if k.startswith("optim_")})
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: optimizer state does not fit ({exc})") from None
+
+
+def _flatten(d: dict) -> dict:
+    return {f"{section}.{key}": value for section, table in d.items() for key, value in table.items()}
+
+
+def write_resolved_config(cfg: Config, run_dir: Path, fresh: bool = True) -> None:
+    """Rank 0: create the run directory and write the resolved config into it (atomically).
+
+    A fresh run also starts a fresh metrics log; a resumed one keeps it.
+    """
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / ".config.toml.tmp"
+        tmp.write_text(config_mod.to_toml(cfg))
+        tmp.replace(run_dir / "config.toml")
+        metrics = run_dir / "metrics.jsonl"
+        if fresh and metrics.exists():
+            metrics.unlink()
+    except OSError as exc:
+        raise SaveError(f"cannot write to the run directory {run_dir}: {exc.strerror or exc}") from None

@@ -93,3 +93,63 @@ def test_predict_under_mpirun_writes_every_row_once(tmp_path):
     out = np.load(tmp_path / "out.npy")
     expected = load_model(tmp_path / "model.npz").predict(x)
     np.testing.assert_allclose(out, expected, rtol=1e-12)
+
+
+PREEMPT_ARGS = ["--set", "data.train=spirals:n=2000", "--set", "model.dtype=float64", "--set",
+                "model.layers=[2,32,32,3]", "--batch-size", "8", "--epochs", "60", "--lr", "0.001",
+                "--set", "checkpoint.every_epochs=0"]
+
+
+def rank_pids(marker: str) -> list[int]:
+    """PIDs of the rank processes (not the launcher) whose command line contains ``marker``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(marker.encode() in a for a in argv) and b"dpbp.cli" in argv and b"-m" in argv:
+            if not any(b"mpi" in Path(a.decode(errors="ignore")).name.encode() for a in argv[:1]):
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.parametrize("signame,target", [("SIGTERM", "all"), ("SIGUSR1", "one")])
+def test_signalled_run_resumes_to_the_uninterrupted_model(tmp_path, signame, target):
+    import signal
+    import time
+
+    full = tmp_path / "full"
+    ref = run([*mpirun(2), sys.executable, "-m", "dpbp.cli", "train", *PREEMPT_ARGS, "--run-dir", str(full)])
+    assert ref.returncode == 0, ref.stderr
+    part = tmp_path / "part"
+    proc = subprocess.Popen([*mpirun(2), sys.executable, "-m", "dpbp.cli", "train", *PREEMPT_ARGS,
+                             "--run-dir", str(part)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (part / "metrics.jsonl").exists():
+        time.sleep(0.01)
+    time.sleep(0.05)
+    pids = rank_pids(str(part))
+    assert len(pids) == 2, pids
+    for pid in pids if target == "all" else pids[-1:]:  # Slurm signals every task; one rank is enough
+        os.kill(pid, getattr(signal, signame))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, out + err
+    assert err.count("stopped by a stop signal") == 1 and "Traceback" not in err, err
+    resumed = run([*mpirun(2), sys.executable, "-m", "dpbp.cli", "train", *PREEMPT_ARGS, "--run-dir", str(part),
+                   "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    a, b = load_model(full / "model.npz"), load_model(part / "model.npz")
+    np.testing.assert_array_equal(a.params, b.params)
+
+
+def test_rank0_failing_to_save_ends_every_rank(tmp_path):
+    (tmp_path / "checkpoints").write_text("not a folder")
+    proc = run([*mpirun(2), sys.executable, "-m", "dpbp.cli", "train", *TRAIN_ARGS, "--run-dir", str(tmp_path),
+                "--set", "checkpoint.every_steps=3"], timeout=30)
+    assert proc.returncode == 1
+    assert proc.stderr.count("could not write checkpoint") == 1 and "Traceback" not in proc.stderr

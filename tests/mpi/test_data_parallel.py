@@ -79,3 +79,51 @@ def test_evaluation_counts_every_sample_once(comm):
     assert got["n"] == ds.n_samples == full.n
     assert got["accuracy"] == full.n_correct / full.n
     assert abs(got["loss"] - full.loss_sum / full.n) <= 1e-12 * abs(got["loss"])
+
+
+def _shared_dir(world) -> str:
+    import tempfile
+
+    return world.comm.bcast(tempfile.mkdtemp(prefix="dpbp-mpi-") if world.rank == 0 else None)
+
+
+def _mid_epoch(folder):
+    from dpbp import checkpoint as ckpt
+
+    paths = [p for p in ckpt.periodic_checkpoints(folder) if int(p.stem[5:]) % 16]
+    assert paths, "expected mid-epoch checkpoints"
+    return paths[len(paths) // 2]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_resume_on_the_same_rank_count_is_bit_identical(dtype):
+    from pathlib import Path
+
+    world = MPIComm()
+    folder = Path(_shared_dir(world))
+    cfg = small_config("train.epochs=3", "checkpoint.every_steps=5", "checkpoint.keep=100", dtype=dtype)
+    full = Trainer(cfg, world, folder, echo=lambda s: None).run()
+    resumed = quiet(cfg, world)
+    resumed.restore(_mid_epoch(folder / "checkpoints"))
+    out = resumed.run()
+    np.testing.assert_array_equal(out.model.params, full.model.params)
+
+
+def test_resume_on_another_rank_count_matches_to_rounding():
+    import tempfile
+    from pathlib import Path
+
+    world = MPIComm()
+    cfg = small_config("train.epochs=3", "checkpoint.every_steps=5", "checkpoint.keep=100")
+    # A checkpoint written by 1 rank, continued on N ranks ...
+    local = Path(tempfile.mkdtemp(prefix="dpbp-serial-"))
+    serial_full = Trainer(cfg, SerialComm(), local, echo=lambda s: None).run()
+    on_n = quiet(cfg, world)
+    on_n.restore(_mid_epoch(local / "checkpoints"))
+    assert max_rel_diff(on_n.run().model.params, serial_full.model.params) < 1e-10
+    # ... and one written by N ranks, continued on 1 rank.
+    shared = Path(_shared_dir(world))
+    Trainer(cfg, world, shared, echo=lambda s: None).run()
+    on_one = quiet(cfg, SerialComm())
+    on_one.restore(_mid_epoch(shared / "checkpoints"))
+    assert max_rel_diff(on_one.run().model.params, serial_full.model.params) < 1e-10

@@ -1,0 +1,50 @@
+"""Preemption: turn SIGTERM, SIGINT and SIGUSR1 into a flag the training loop polls.
+
+Slurm (``--signal``, ``scancel``, time limits) and ``mpirun`` deliver these to the
+rank processes. The handler only records the signal; the ranks agree at the next
+step boundary (the flag rides in the step's Allreduce), rank 0 writes a
+checkpoint, and every rank exits with ``PREEMPTED_EXIT_CODE`` so a batch script can
+requeue. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" -- requeue
+
+
+class StopRequest:
+    """Records the first stop signal; a second one ends the process immediately."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> StopRequest:
+        """Install the handlers (main thread only; elsewhere this is a no-op)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            os._exit(128 + signum)  # second signal: the user or scheduler insists
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""

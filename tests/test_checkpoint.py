@@ -1,0 +1,207 @@
+"""Checkpoints: pickle-free format, corruption detection, exact resume, refusal of mismatches."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from helpers import small_config
+
+from dpbp import checkpoint as ckpt
+from dpbp.comm import SerialComm
+from dpbp.errors import CheckpointError, DpbpError
+from dpbp.train import Trainer, TrainingError
+
+TIMING = ("samples_per_s", "seconds")
+
+
+def trainer(cfg, run_dir=None):
+    return Trainer(cfg, SerialComm(), run_dir, echo=lambda text: None)
+
+
+def comparable(history):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A float64 run with checkpoints every 7 steps (mid-epoch: 16 steps per epoch)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = small_config("train.epochs=3", "checkpoint.every_steps=7", "checkpoint.keep=100",
+                       "train.schedule=cosine", f"run.dir={run_dir}")
+    t = trainer(cfg, run_dir)
+    run_dir.mkdir(exist_ok=True)
+    result = t.run()
+    return cfg, run_dir, result
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "rmsprop", "adam"])
+def test_resume_mid_epoch_is_bit_identical(tmp_path, dtype, optimizer):
+    cfg = small_config("train.epochs=3", "checkpoint.every_steps=5", "checkpoint.keep=100",
+                       f"train.optimizer={optimizer}", "train.warmup_epochs=1", dtype=dtype)
+    full = trainer(cfg, tmp_path).run()
+    checkpoints = ckpt.periodic_checkpoints(tmp_path / "checkpoints")
+    mid = [p for p in checkpoints if int(p.stem[5:]) % 16 not in (0,)]  # 16 steps per epoch
+    assert mid, "expected mid-epoch checkpoints"
+    for path in (mid[0], mid[len(mid) // 2], mid[-1]):
+        resumed = trainer(cfg, None)
+        resumed.restore(path)
+        assert 0 < resumed.state.step_in_epoch < resumed.steps_per_epoch
+        out = resumed.run()
+        np.testing.assert_array_equal(out.model.params, full.model.params)
+        assert comparable(out.history) == comparable(full.history)
+        assert out.state.global_step == full.state.global_step
+
+
+def test_checkpoint_holds_everything_documented(saved_run):
+    cfg, run_dir, result = saved_run
+    path, skipped = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    assert skipped == [] and path.name == ckpt.checkpoint_name(result.state.global_step)
+    arrays, meta = ckpt.load_checkpoint(path)
+    for key in ("format", "format_version", "dpbp_version", "config", "model", "state", "optimizer",
+                "schedule", "rng", "history", "world_size", "data_digest"):
+        assert key in meta, key
+    assert set(meta["state"]) >= {"epoch", "step_in_epoch", "global_step", "best_val_loss"}
+    assert set(arrays) == {"params", "optim_m", "optim_v", "optim_t"}
+    with zipfile.ZipFile(path) as zf:
+        assert "sha256.npy" in zf.namelist()
+    with np.load(path, allow_pickle=False) as npz:  # loads without pickle, no object arrays
+        assert all(npz[name].dtype != object for name in npz.files)
+    assert (run_dir / "checkpoints" / "best.npz").is_file()
+
+
+def test_keep_prunes_old_checkpoints(tmp_path):
+    cfg = small_config("train.epochs=2", "checkpoint.every_steps=3", "checkpoint.keep=2")
+    trainer(cfg, tmp_path).run()
+    names = [p.name for p in ckpt.periodic_checkpoints(tmp_path / "checkpoints")]
+    assert names == [ckpt.checkpoint_name(30), ckpt.checkpoint_name(32)]
+
+
+def test_truncated_checkpoints_are_refused(saved_run, tmp_path):
+    _, run_dir, _ = saved_run
+    good = ckpt.periodic_checkpoints(run_dir / "checkpoints")[-1].read_bytes()
+    bad = tmp_path / "bad.npz"
+    for length in sorted({0, 1, 10, 100, len(good) // 3, len(good) // 2, len(good) - 100, len(good) - 1}):
+        bad.write_bytes(good[:length])
+        with pytest.raises(CheckpointError, match="bad.npz"):
+            ckpt.load_checkpoint(bad)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_byte_flips_are_refused_or_harmless(saved_run, tmp_path, seed):
+    """A flip either raises CheckpointError or lands where it changes nothing we read."""
+    _, run_dir, _ = saved_run
+    path = ckpt.periodic_checkpoints(run_dir / "checkpoints")[-1]
+    good = path.read_bytes()
+    ref_arrays, ref_meta = ckpt.load_checkpoint(path)
+    rng = np.random.default_rng(seed)
+    data = bytearray(good)
+    for pos in rng.integers(0, len(data), size=1 + seed % 3):
+        data[pos] ^= 1 << int(rng.integers(0, 8))
+    bad = tmp_path / "flipped.npz"
+    bad.write_bytes(bytes(data))
+    try:
+        arrays, meta = ckpt.load_checkpoint(bad)
+    except CheckpointError:
+        return
+    assert meta == ref_meta
+    assert arrays.keys() == ref_arrays.keys()
+    for name in arrays:
+        assert arrays[name].tobytes() == ref_arrays[name].tobytes()
+
+
+def test_tampered_checkpoint_fails_its_checksum(saved_run, tmp_path):
+    _, run_dir, _ = saved_run
+    arrays, meta = ckpt.load_checkpoint(ckpt.periodic_checkpoints(run_dir / "checkpoints")[-1])
+    with np.load(ckpt.periodic_checkpoints(run_dir / "checkpoints")[-1]) as npz:
+        raw = {name: npz[name] for name in npz.files}
+    raw["params"] = raw["params"].copy()
+    raw["params"][0] += 1.0  # a consistent zip with changed numbers
+    np.savez(tmp_path / "tampered.npz", **raw)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        ckpt.load_checkpoint(tmp_path / "tampered.npz")
+    meta_bytes = json.dumps({**meta, "state": {**meta["state"], "global_step": 1}}).encode()
+    raw["params"][0] -= 1.0
+    raw["meta"] = np.frombuffer(meta_bytes, np.uint8)
+    np.savez(tmp_path / "tampered_meta.npz", **raw)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        ckpt.load_checkpoint(tmp_path / "tampered_meta.npz")
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "text.npz")
+    np.savez(tmp_path / "plain.npz", params=np.zeros(3))
+    with pytest.raises(CheckpointError, match="not a dpbp checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "plain.npz")
+    with pytest.raises(CheckpointError, match="not found"):
+        ckpt.load_checkpoint(tmp_path / "missing.npz")
+
+
+def test_latest_skips_a_corrupt_newest(saved_run, tmp_path):
+    _, run_dir, _ = saved_run
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    paths = ckpt.periodic_checkpoints(run_dir / "checkpoints")
+    (folder / paths[-2].name).write_bytes(paths[-2].read_bytes())
+    (folder / paths[-1].name).write_bytes(paths[-1].read_bytes()[:500])
+    found, skipped = ckpt.latest_checkpoint(folder)
+    assert found == folder / paths[-2].name
+    assert len(skipped) == 1 and paths[-1].name in skipped[0]
+    assert ckpt.latest_checkpoint(tmp_path / "nothing") == (None, [])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model.layers=[2,9,8,3]", r"different model \(sizes: checkpoint \[2, 8, 8, 3\], config \[2, 9, 8, 3\]\)"),
+    ("model.activation=tanh", "activation: checkpoint 'relu', config 'tanh'"),
+    ("model.dtype=float32", "dtype: checkpoint 'float64', config 'float32'"),
+    ("train.optimizer=sgd", "trained with optimizer 'adam'"),
+    ("train.batch_size=16", r"cannot resume with changed train.batch_size"),
+    ("train.seed=3", r"changed .*train.seed"),
+])
+def test_resume_refuses_another_model_or_data_order(saved_run, override, match):
+    cfg, run_dir, _ = saved_run
+    other = small_config("train.epochs=3", "checkpoint.every_steps=7", "checkpoint.keep=100",
+                         "train.schedule=cosine", f"run.dir={run_dir}", override)
+    with pytest.raises(DpbpError, match=match) as info:  # agreed across ranks, exit code kept
+        trainer(other).restore(ckpt.periodic_checkpoints(run_dir / "checkpoints")[-1])
+    assert info.value.exit_code == 2
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
+    cfg = small_config("checkpoint.every_steps=1", "train.epochs=5", "checkpoint.keep=1000")
+    t = trainer(cfg, tmp_path)
+    t.data.train.x[100] = np.nan  # reached somewhere in the first epoch
+    with pytest.raises(TrainingError, match=r"step (\d+) \(epoch 1\): loss is nan") as info:
+        t.run()
+    assert f"step {t.state.global_step + 1} " in str(info.value)
+    newest, skipped = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    arrays, meta = ckpt.load_checkpoint(newest)
+    assert np.all(np.isfinite(arrays["params"])) and skipped == []
+    assert meta["state"]["global_step"] == t.state.global_step
+
+
+def test_nonfinite_skip_skips_the_update_on_all_ranks():
+    cfg = small_config("train.on_nonfinite=skip", "train.optimizer=sgd", "train.epochs=1")
+    t = trainer(cfg)
+    t.data.train.x[5] = np.inf  # poison one row: the batches holding it are skipped
+    before = t.model.params.copy()
+    order = np.arange(t.data.train.n_samples)
+    loss_sum, _, _ = t.step(order, 0)
+    assert not np.isfinite(loss_sum)
+    np.testing.assert_array_equal(t.model.params, before)
+    t.step(order, 1)  # a clean batch updates again
+    assert not np.array_equal(t.model.params, before)
+
+
+def test_unwritable_checkpoint_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "checkpoints").write_text("a file where the folder should be")
+    t = trainer(small_config("checkpoint.every_steps=2"), tmp_path)
+    with pytest.raises(DpbpError, match="could not write checkpoint") as info:
+        t.run()
+    assert info.value.exit_code == 1
+    assert not list(tmp_path.glob(".*.tmp"))
