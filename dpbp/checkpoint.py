@@ -80,6 +80,11 @@ def read_npz(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray],
         raise CheckpointError(f"{kind} file not found: {path}")
     try:
         data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not data.startswith(b"PK\x03\x04"):
+        raise CheckpointError(f"{path} is not a dpbp {kind} file (not an .npz archive)")
+    try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
     except Exception as exc:  # zipfile/zlib/numpy raise assorted errors on corrupt files

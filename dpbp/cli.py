@@ -22,7 +22,7 @@ from dpbp import __version__
 
 EXAMPLES_TRAIN = """\b
 Examples:
-  dpbp train                                   # embedded default: spirals, about 10 s
+  dpbp train                                   # embedded default: 5-class spirals, about 2 s
   dpbp train --epochs 5 --set train.optimizer=momentum --set train.lr=0.05
   dpbp train -c mnist.toml --run-dir runs/mnist
   mpirun -n 4 dpbp train -c mnist.toml         # same model, 4 ranks
@@ -161,12 +161,20 @@ def train(comm, config_file, overrides, epochs, batch_size, lr, seed, run_dir, r
     SIGTERM, SIGINT or SIGUSR1 make every rank finish its step, write a checkpoint and exit with
     code 75; run the same command with --resume auto to continue exactly.
     """
-    from dpbp import checkpoint as ckpt
-    from dpbp.config import from_dict
     from dpbp.signals import StopRequest
-    from dpbp.train import Trainer, all_or_nothing, write_resolved_config
 
     stop = StopRequest().install()  # first thing: a signal during set-up still stops cleanly
+    try:
+        _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run_dir, resume)
+    finally:
+        stop.uninstall()  # leave the caller's handlers as they were (library and test callers)
+
+
+def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run_dir, resume):
+    from dpbp import checkpoint as ckpt
+    from dpbp.config import from_dict
+    from dpbp.train import Trainer, all_or_nothing, write_resolved_config
+
     echo = _echo(comm)
     overrides = _option_overrides(overrides, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                                   run_dir=run_dir)
@@ -299,10 +307,79 @@ def _write_predictions(path: str, out) -> None:
         raise DataError(f"cannot write {path}: use a .npy or .csv file name")
 
 
+# ----------------------------------------------------------------------------- diagnostics
+
+
+@main.command(epilog="""\b
+Examples:
+  dpbp plot runs/dpbp                   # writes runs/dpbp/training.png
+  dpbp plot runs/mnist -o mnist.png
+""")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="PNG file (default RUN_DIR/training.png).")
+def plot(run_dir, output):
+    """Draw train/val loss, accuracy and per-layer gradient norms of a run (needs matplotlib)."""
+    from dpbp.errors import DpbpError
+    from dpbp.plot import plot_run
+
+    try:
+        path = plot_run(run_dir, output)
+    except DpbpError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    click.echo(f"wrote {path}")
+
+
+@main.command(epilog="""\b
+Examples:
+  dpbp gradcheck                                  # the default config's model
+  dpbp gradcheck -c run.toml --samples 100
+  dpbp gradcheck --set 'model.layers=[2,32,32,32,32,5]' --set model.activation=sigmoid
+""")
+@config_option
+@set_option
+@click.option("--rows", default=16, show_default=True, help="Training rows in the checked batch.")
+@click.option("--samples", default=40, show_default=True,
+              help="Entries checked per layer (all if the layer is smaller).")
+@click.option("--tolerance", default=1e-6, show_default=True, help="Largest relative error accepted.")
+def gradcheck(config_file, overrides, rows, samples, tolerance):
+    """Verify the configured model's backprop against finite differences, per layer (float64)."""
+    from dpbp.errors import DpbpError
+    from dpbp.gradcheck import as_float64, check_gradients
+    from dpbp.train import build_model, prepare_data
+
+    try:
+        cfg = _load_config(_serial(), config_file, overrides)
+        data = prepare_data(cfg)
+    except DpbpError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    model = as_float64(build_model(cfg))
+    x, y = data.train.x[:rows], data.train.y[:rows]
+    click.echo(f"checking {model.sizes} {model.activation}/{model.output}/{model.loss} on {x.shape[0]} rows "
+               "(float64, fourth-order central differences)")
+    worst = 0.0
+    for check in check_gradients(model, x, y, samples_per_layer=samples):
+        worst = max(worst, check.max_rel_error)
+        kinks = f" ({check.kinks} skipped: a relu kink inside the stencil)" if check.kinks else ""
+        click.echo(f"  layer {check.layer}: {check.checked}/{check.total} entries, "
+                   f"worst relative error {check.max_rel_error:.2e}{kinks}")
+    verdict = "ok" if worst <= tolerance else "FAILED"
+    click.echo(f"{verdict}: worst relative error {worst:.2e} (tolerance {tolerance:g})")
+    if worst > tolerance:
+        sys.exit(3)
+
+
+def _serial():
+    from dpbp.comm import SerialComm
+
+    return SerialComm()
+
+
 # ----------------------------------------------------------------------------- config / info
 
 
-@main.group(name="config")
+@main.group(name="config", epilog="\b\nExamples:\n  dpbp config show > run.toml\n  dpbp config show --doc")
 def config_group():
     """Show the resolved config, or the reference of every key."""
 

@@ -36,7 +36,7 @@ class Progress:
         self.min_interval = 0.0 if log_every else 5.0
         self.tty = enabled and echo is print and sys.stdout.isatty()
         self.start_step, self.start_time = start_step, time.perf_counter()
-        self._last_draw = self.start_time
+        self._last_draw = -float("inf")  # the first due line prints at once
 
     def step(self, epoch: int, step_in_epoch: int, global_step: int, loss: float,
              epoch_samples: int, epoch_seconds: float) -> None:

@@ -122,17 +122,18 @@ def prepare_data(cfg: Config) -> PreparedData:
     load = lambda source: data_mod.load_source(  # noqa: E731
         source, dtype=m.dtype, label_column=d.label_column, seed=t.seed
     )
+    n_in, n_out = m.layers[0], m.layers[-1]
     train = load(d.train)
     _check_layers_fit(cfg, train)
+    data_mod.validate(train, n_in=n_in, n_out=n_out, loss=m.loss, role="train")  # before the split: file rows
     if d.val:
         val = load(d.val)
+        data_mod.validate(val, n_in=n_in, n_out=n_out, loss=m.loss, role="validation")
     else:
         train, val = data_mod.split_validation(train, d.val_fraction, t.seed)
     test = load(d.test) if d.test else None
-    n_in, n_out = m.layers[0], m.layers[-1]
-    for role, ds in (("train", train), ("validation", val), ("test", test)):
-        if ds is not None:
-            data_mod.validate(ds, n_in=n_in, n_out=n_out, loss=m.loss, role=role)
+    if test is not None:
+        data_mod.validate(test, n_in=n_in, n_out=n_out, loss=m.loss, role="test")
     normalizer = data_mod.Normalizer.fit(d.normalize, train.x)
     for ds in (train, val, test):
         if ds is not None:
@@ -234,6 +235,8 @@ class TrainState:
     epoch_correct: float = 0.0
     epoch_count: float = 0.0
     stopped: str = ""  # "early_stopping" once early stopping fired
+    grad_norm_sums: list = field(default_factory=list)  # per-layer ||dL/dW|| summed over sampled steps
+    grad_norm_count: int = 0
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -283,6 +286,7 @@ class Trainer:
         self.history: list[dict] = []
         self._last_saved_step = -1
         self.stop_votes = 0.0
+        self.diag_every = max(1, self.steps_per_epoch // 10)  # gradient norms ~10 times an epoch
         # DP: one contiguous buffer = gradient sum | loss sum | row count | correct count | stop votes.
         self.reduce_buf = np.zeros(self.model.n_params + 4, self.model.dtype)
         self.grad = self.reduce_buf[: self.model.n_params]
@@ -313,9 +317,24 @@ class Trainer:
         if not (math.isfinite(loss_sum) and math.isfinite(float(np.sum(self.grad)))):
             if self._nonfinite(loss_sum):
                 return loss_sum, correct, count
+        if self.state.global_step % self.diag_every == 0:
+            self._sample_grad_norms()
         lr = self.schedule(self.state.global_step)
         self.optimizer.step(model.params, self.grad, lr)
         return loss_sum, correct, count
+
+    def _sample_grad_norms(self) -> None:
+        """Add this step's per-layer weight-gradient norms to the epoch's running sums.
+
+        The vanishing-gradient signal: in a deep sigmoid/tanh net the early layers'
+        norms fall by orders of magnitude. Computed from the reduced gradient, so
+        identical on every rank.
+        """
+        gW, _ = self.model.layer_views(self.grad)
+        norms = [float(np.sqrt(np.vdot(g, g))) for g in gW]
+        st = self.state
+        st.grad_norm_sums = [a + b for a, b in zip(st.grad_norm_sums, norms)] if st.grad_norm_sums else norms
+        st.grad_norm_count += 1
 
     def _nonfinite(self, loss_sum: float) -> bool:
         """Handle a NaN/Inf batch (identical on all ranks after the reduce): skip or raise."""
@@ -409,6 +428,8 @@ class Trainer:
             "lr": self.schedule(max(st.global_step - 1, 0)),
             "samples_per_s": samples / seconds if seconds > 0 else None,
             "seconds": seconds,
+            "grad_norm": [g / st.grad_norm_count for g in st.grad_norm_sums] if st.grad_norm_count else None,
+            "weight_norm": [float(np.sqrt(np.vdot(W, W))) for W in self.model.weights],
         }
         if self.data.val is not None:
             val = evaluate(self.model, self.data.val, self.comm)
@@ -420,6 +441,7 @@ class Trainer:
         st.epoch += 1
         st.step_in_epoch = 0
         st.epoch_loss_sum = st.epoch_correct = st.epoch_count = 0.0
+        st.grad_norm_sums, st.grad_norm_count = [], 0
         return record
 
     def _update_early_stopping(self, record: dict) -> bool:

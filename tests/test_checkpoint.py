@@ -133,7 +133,7 @@ def test_tampered_checkpoint_fails_its_checksum(saved_run, tmp_path):
 
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "text.npz").write_text("hello")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a dpbp checkpoint file \\(not an .npz archive\\)"):
         ckpt.load_checkpoint(tmp_path / "text.npz")
     np.savez(tmp_path / "plain.npz", params=np.zeros(3))
     with pytest.raises(CheckpointError, match="not a dpbp checkpoint"):
@@ -205,3 +205,20 @@ def test_unwritable_checkpoint_folder_is_a_clear_error(tmp_path):
         t.run()
     assert info.value.exit_code == 1
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import os, signal, time\n"
+              "from dpbp.signals import StopRequest\n"
+              "stop = StopRequest().install()\n"
+              "os.kill(os.getpid(), signal.SIGUSR1)\n"
+              "assert stop.requested and stop.name == 'SIGUSR1'\n"
+              "print('flag set', flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGTERM)\n"
+              "time.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
+    assert proc.stdout == "flag set\n"
+    assert proc.returncode == 128 + 15

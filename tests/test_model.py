@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dpbp import MLP, ops
+from dpbp.gradcheck import check_gradients
 
 PAIRINGS = [(out, loss) for loss, outs in ops.LOSS_OUTPUTS.items() for out in outs]
 CASES = list(itertools.product(ops.HIDDEN_ACTIVATIONS, PAIRINGS))
@@ -83,34 +84,16 @@ def reference_loss_and_grad(model, X, y):
     return total / n, flat / n
 
 
-def finite_difference_grad(model, X, y, h=1e-5):
-    grad = np.zeros(model.n_params)
-    for i in range(model.n_params):
-        old = model.params[i]
-        model.params[i] = old + h
-        up = model.loss_value(X, y)
-        model.params[i] = old - h
-        down = model.loss_value(X, y)
-        model.params[i] = old
-        grad[i] = (up - down) / (2 * h)
-    return grad
-
-
-def max_relative_error(a, b):
-    # Floor the denominator at 1e-3 of the gradient's scale: near-zero entries are judged absolutely.
-    floor = 1e-3 * max(np.max(np.abs(a)), np.max(np.abs(b)))
-    return float(np.max(np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), floor)))
-
-
 @pytest.mark.parametrize("activation,pairing", CASES)
 @pytest.mark.parametrize("label_kind", ["ids", "rows"])
 def test_backprop_matches_finite_differences(activation, pairing, label_kind):
     output, loss = pairing
     model, X, y = make_problem(activation, output, loss, label_kind)
-    loss_value, grad = model.loss_and_grad(X, y)
-    numeric = finite_difference_grad(model, X, y)
-    err = max_relative_error(grad, numeric)
+    checks = check_gradients(model, X, y, samples_per_layer=10**6)  # every entry of every layer
+    assert [c.checked for c in checks] == [c.total for c in checks] == [25, 36, 21]
+    err = max(c.max_rel_error for c in checks)
     assert err < 1e-6, f"{activation}/{output}/{loss}: largest relative error {err:.2e}"
+    loss_value, _ = model.loss_and_grad(X, y)
     assert np.isclose(loss_value, model.loss_value(X, y), rtol=1e-14)
 
 

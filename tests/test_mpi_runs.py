@@ -76,7 +76,7 @@ def test_failure_on_one_rank_ends_the_job_quickly(tmp_path):
         "body()\n"
     )
     env_path = f"{TESTS}{os.pathsep}{ENV.get('PYTHONPATH', '')}"
-    proc = subprocess.run([*mpirun(3), sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+    proc = subprocess.run([*mpirun(3), sys.executable, str(script)], capture_output=True, text=True, timeout=30,
                           env={**ENV, "PYTHONPATH": env_path})
     assert proc.returncode != 0
     assert "error on rank 1: MemoryError: injected on rank 1" in proc.stderr
@@ -153,3 +153,12 @@ def test_rank0_failing_to_save_ends_every_rank(tmp_path):
                 "--set", "checkpoint.every_steps=3"], timeout=30)
     assert proc.returncode == 1
     assert proc.stderr.count("could not write checkpoint") == 1 and "Traceback" not in proc.stderr
+
+
+def test_ranks_with_different_configs_are_refused():
+    base = [sys.executable, "-m", "dpbp.cli", "train", *TRAIN_ARGS]
+    launcher = mpirun(1)
+    proc = run([*launcher, *base, "--run-dir", "/tmp/dpbp-unused", "--lr", "0.1", ":", "-n", "1", *base,
+                "--run-dir", "/tmp/dpbp-unused", "--lr", "0.2"], timeout=30)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("rank(s) [1] started with a different config") == 1
