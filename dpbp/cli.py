@@ -433,6 +433,7 @@ def info(comm):
     echo(f"MPI library   {comm.library}")
     echo(f"ranks         {comm.size} ({comm.local_size} on this node)")
     echo(f"BLAS threads  {threads} per rank")
+    echo(f"MPI wait      {comm.wait} (yield when ranks outnumber cores; DPBP_WAIT=spin|yield)")
     for lib in blas_info():
         echo(f"BLAS          {lib['library']} {lib['version']} ({lib['path']})")
 

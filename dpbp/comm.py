@@ -28,6 +28,7 @@ class SerialComm:
     local_size = 1
     is_root = True
     library = "none (single process)"
+    wait = "none"
 
     def allreduce_(self, buf: np.ndarray) -> np.ndarray:
         """Sum ``buf`` over ranks, in place. Here: nothing to do."""
@@ -83,9 +84,17 @@ class MPIComm:
         node.Free()
         self.library = " ".join(MPI.Get_library_version().split()[:4])
         self._flag = np.zeros(1, np.int32)
+        self.wait = wait_strategy(self.local_size)
 
     def allreduce_(self, buf: np.ndarray) -> np.ndarray:
-        self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        if self.wait == "yield":
+            # More ranks than cores: a rank that spins inside MPI steals the core a late rank
+            # needs to finish its backprop; test-and-yield hands the core over instead.
+            req = self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+            while not req.Test():
+                os.sched_yield()
+        else:
+            self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
         return buf
 
     def iallreduce_(self, buf: np.ndarray):
@@ -125,6 +134,22 @@ class MPIComm:
         sys.stdout.flush()
         sys.stderr.flush()
         self.comm.Abort(code)
+
+
+def wait_strategy(local_ranks: int) -> str:
+    """``spin`` (MPI's own blocking wait) or ``yield`` (test, then give the core away).
+
+    ``DPBP_WAIT=spin|yield`` forces one; by default ranks yield only when this node
+    has more ranks than cores (e.g. ``mpirun -n 8`` on a laptop).
+    """
+    choice = os.environ.get("DPBP_WAIT", "auto").lower()
+    if choice in ("spin", "yield"):
+        return choice
+    try:
+        cores = len(os.sched_getaffinity(0)) if local_ranks == 1 else (os.cpu_count() or 1)
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return "yield" if local_ranks > cores else "spin"
 
 
 def launched_by_mpi(environ=None) -> bool:

@@ -15,6 +15,9 @@ import math
 import numpy as np
 
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
+# Elements per update chunk: measured best of 2^13..2^21 for Adam on 1.9M float32 parameters
+# (scripts/bench); the four vectors of a chunk (params, grads, two state) stay in L2/L3.
+CHUNK_ELEMENTS = 1 << 17
 SCHEDULES = ("constant", "step", "cosine")
 
 
@@ -31,13 +34,26 @@ class Optimizer:
         self.state = {k: np.zeros(self.n_params, self.dtype) for k in self.state_names}
 
     def step(self, params: np.ndarray, grads: np.ndarray, lr: float) -> None:
-        """Apply one update in place. ``grads`` is the batch-mean gradient and is clobbered."""
+        """Apply one update in place. ``grads`` is the batch-mean gradient and is clobbered.
+
+        Works through the vectors in cache-sized chunks: an update is a dozen
+        element-wise passes, and doing all of them on a chunk while it sits in cache
+        instead of streaming every pass through memory makes Adam about twice as fast.
+        """
         if params.shape != (self.n_params,) or grads.shape != (self.n_params,):
             raise ValueError(f"params and grads must have shape ({self.n_params},)")
         self.t += 1
-        self._update(params, grads, float(lr))
+        lr = float(lr)
+        chunk = CHUNK_ELEMENTS
+        for start in range(0, self.n_params, chunk):
+            part = slice(start, start + chunk)
+            scratch = self._scratch[: min(chunk, self.n_params - start)] if self._scratch is not None else None
+            self._update(params[part], grads[part], lr, {k: v[part] for k, v in self.state.items()}, scratch)
 
-    def _update(self, params: np.ndarray, grads: np.ndarray, lr: float) -> None:
+    _scratch: np.ndarray | None = None
+
+    def _update(self, params: np.ndarray, grads: np.ndarray, lr: float, state: dict, scratch) -> None:
+        """Update one chunk: ``params``/``grads``/``state`` values/``scratch`` are aligned slices."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -66,7 +82,7 @@ class SGD(Optimizer):
 
     name = "sgd"
 
-    def _update(self, params, grads, lr):
+    def _update(self, params, grads, lr, state, scratch):
         grads *= lr
         params -= grads
 
@@ -81,8 +97,8 @@ class Momentum(Optimizer):
         super().__init__(n_params, dtype)
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
 
-    def _update(self, params, grads, lr):
-        v = self.state["velocity"]
+    def _update(self, params, grads, lr, state, scratch):
+        v = state["velocity"]
         v *= self.momentum
         v += grads
         if self.nesterov:
@@ -103,10 +119,10 @@ class RMSprop(Optimizer):
     def __init__(self, n_params, dtype="float32", rho: float = 0.9, eps: float = 1e-8):
         super().__init__(n_params, dtype)
         self.rho, self.eps = float(rho), float(eps)
-        self._scratch = np.empty(self.n_params, self.dtype)
+        self._scratch = np.empty(min(self.n_params, CHUNK_ELEMENTS), self.dtype)  # one chunk's g^2
 
-    def _update(self, params, grads, lr):
-        s, tmp = self.state["square_avg"], self._scratch
+    def _update(self, params, grads, lr, state, scratch):
+        s, tmp = state["square_avg"], scratch
         np.multiply(grads, grads, out=tmp)
         s -= tmp  # s <- s + (1 - rho)(g^2 - s)  ==  rho s + (1 - rho) g^2
         s *= self.rho
@@ -130,8 +146,8 @@ class Adam(Optimizer):
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
         self.weight_decay = float(weight_decay)
 
-    def _update(self, params, grads, lr):
-        m, v = self.state["m"], self.state["v"]
+    def _update(self, params, grads, lr, state, scratch):
+        m, v = state["m"], state["v"]
         if self.weight_decay:
             params *= 1.0 - lr * self.weight_decay
         m -= grads  # m <- b1 (m - g) + g  ==  b1 m + (1 - b1) g
