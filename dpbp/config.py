@@ -253,6 +253,16 @@ class TrainConfig:
             "compare a parameter checksum across ranks every K steps; 0 disables", min=0
         ),
     )
+    overlap_allreduce: bool = field(
+        default=False,
+        metadata=_meta(
+            "reduce the gradient in buckets started during backprop (non-blocking) instead of once after it"
+        ),
+    )
+    bucket_mb: float = field(
+        default=4.0,
+        metadata=_meta("bucket size in MiB for overlap_allreduce", min_exclusive=0),
+    )
     on_nonfinite: str = field(
         default="stop",
         metadata=_meta(

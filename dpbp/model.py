@@ -283,6 +283,7 @@ class MLP:
     def loss_and_grad_sum(
         self, X: np.ndarray, y: np.ndarray, out: np.ndarray | None = None, *,
         check: bool = True, on_layer_ready: Callable[[int], None] | None = None,
+        on_forward_done: Callable[[BatchStats], None] | None = None,
     ) -> BatchStats:
         """Forward and backprop over the given rows, as SUMS (the data-parallel form).
 
@@ -291,8 +292,10 @@ class MLP:
         copy. Returns the loss sum, the number of correct predictions and the row
         count. Zero rows give a zero gradient and zero sums. ``check=False`` skips
         input validation (for callers that validated the whole data set once).
-        ``on_layer_ready(l)`` is called as soon as layer l's gradient is final
-        (layers arrive last to first).
+        ``on_forward_done(stats)`` is called with the loss sum and counts before
+        backprop starts, and ``on_layer_ready(l)`` as soon as layer l's gradient is
+        final (layers arrive last to first): together they let a caller start
+        reducing early parts of the gradient while backprop continues.
         """
         if out is None:
             out = self._grads
@@ -305,6 +308,8 @@ class MLP:
         n = X.shape[0]
         if n == 0:
             out.fill(0.0)
+            if on_forward_done is not None:
+                on_forward_done(BatchStats(0.0, 0, 0))
             if on_layer_ready is not None:
                 for l in range(self.n_layers - 1, -1, -1):
                     on_layer_ready(l)
@@ -312,6 +317,8 @@ class MLP:
         ws = self._workspace(n)
         self._forward(X, ws)
         loss, correct = self._loss_and_delta(y, ws)
+        if on_forward_done is not None:
+            on_forward_done(BatchStats(loss, correct, n))
         self._backward(X, ws, out, on_layer_ready)
         return BatchStats(loss, correct, n)
 

@@ -290,6 +290,7 @@ class Trainer:
         # DP: one contiguous buffer = gradient sum | loss sum | row count | correct count | stop votes.
         self.reduce_buf = np.zeros(self.model.n_params + 4, self.model.dtype)
         self.grad = self.reduce_buf[: self.model.n_params]
+        self.buckets = self._plan_buckets() if cfg.train.overlap_allreduce and comm.size > 1 else {}
         shard_rows = -(-self.batch_size // comm.size)
         x, y = self.data.train.x, self.data.train.y
         self.x_shard = np.empty((shard_rows,) + x.shape[1:], x.dtype)
@@ -306,11 +307,28 @@ class Trainer:
         idx = order[lo + r0 : lo + r1]
         xs = data_mod.gather_rows(self.data.train.x, idx, self.x_shard)
         ys = data_mod.gather_rows(self.data.train.y, idx, self.y_shard)
-        stats = model.loss_and_grad_sum(xs, ys, self.grad, check=False)
         tail = self.reduce_buf[n_params:]
-        tail[0], tail[1], tail[2] = stats.loss_sum, stats.n, stats.n_correct
-        tail[3] = 1.0 if self.stop_requested() else 0.0  # DP: the stop vote rides in the same Allreduce
-        comm.allreduce_(self.reduce_buf)  # DP: the one collective of the step
+
+        def fill_tail(stats) -> None:
+            tail[0], tail[1], tail[2] = stats.loss_sum, stats.n, stats.n_correct
+            tail[3] = 1.0 if self.stop_requested() else 0.0  # DP: the stop vote rides in the same reduction
+
+        if self.buckets:
+            requests = []
+
+            def start_bucket(layer: int) -> None:
+                if layer in self.buckets:  # DP: this bucket's layers are final: start reducing it
+                    requests.append(comm.iallreduce_(self.buckets[layer]))
+                for req in requests:
+                    req.Test()  # let MPI progress between layers
+
+            model.loss_and_grad_sum(xs, ys, self.grad, check=False, on_forward_done=fill_tail,
+                                    on_layer_ready=start_bucket)
+            for req in requests:
+                req.Wait()
+        else:
+            fill_tail(model.loss_and_grad_sum(xs, ys, self.grad, check=False))
+            comm.allreduce_(self.reduce_buf)  # DP: the one collective of the step
         loss_sum, count, correct = (float(v) for v in tail[:3])
         self.stop_votes = float(tail[3])
         self.grad /= count  # DP: divide once by the GLOBAL row count
@@ -322,6 +340,22 @@ class Trainer:
         lr = self.schedule(self.state.global_step)
         self.optimizer.step(model.params, self.grad, lr)
         return loss_sum, correct, count
+
+    def _plan_buckets(self) -> dict[int, np.ndarray]:
+        """Split reduce_buf into contiguous buckets of whole layers, last layer (+ the tail) first.
+
+        Returns {lowest layer in the bucket: view of its slice}; backprop finishes
+        layers from last to first, so a bucket is complete when its lowest layer is.
+        """
+        limit = int(self.cfg.train.bucket_mb * 2**20) // self.model.dtype.itemsize
+        slices = self.model.layer_slices()
+        buckets, stop = {}, self.reduce_buf.shape[0]
+        for layer in range(self.model.n_layers - 1, -1, -1):
+            start = slices[layer][0].start
+            if stop - start >= limit or layer == 0:
+                buckets[layer] = self.reduce_buf[start:stop]
+                stop = start
+        return buckets
 
     def _sample_grad_norms(self) -> None:
         """Add this step's per-layer weight-gradient norms to the epoch's running sums.

@@ -127,3 +127,13 @@ def test_resume_on_another_rank_count_matches_to_rounding():
     on_one = quiet(cfg, SerialComm())
     on_one.restore(_mid_epoch(shared / "checkpoints"))
     assert max_rel_diff(on_one.run().model.params, serial_full.model.params) < 1e-10
+
+
+@pytest.mark.parametrize("bucket_mb", [0.0001, 4.0])
+def test_overlapped_bucket_reduction_equals_one_rank(bucket_mb):
+    cfg = small_config("train.overlap_allreduce=true", f"train.bucket_mb={bucket_mb}", "train.batch_size=5")
+    world = MPIComm()
+    dist = quiet(cfg, world)
+    assert len(dist.buckets) == (3 if bucket_mb < 0.001 else 1)
+    ref = quiet(small_config("train.batch_size=5"), SerialComm()).run()
+    assert max_rel_diff(dist.run().model.params, ref.model.params) < 1e-10
