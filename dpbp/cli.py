@@ -189,7 +189,7 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
     all_or_nothing(comm, lambda: write_resolved_config(cfg, path, fresh=checkpoint is None) if comm.is_root
                    else None, f"creating the run directory {path}")
     trainer = Trainer(cfg, comm, path, echo=echo, stop_requested=lambda: stop.requested)
-    trainer.stop_reason = "a stop signal"
+    trainer.stop_reason = lambda: stop.name or "a stop signal on another rank"
     d, m = trainer.data, cfg.model
     echo(f"dpbp {__version__}: {m.layers} {m.activation}/{m.output}/{m.loss} {m.dtype} on {cfg.data.train!r} "
          f"({d.train.n_samples} train, {d.val.n_samples if d.val else 0} val"

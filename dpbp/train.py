@@ -273,7 +273,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.echo = echo if echo is not None else print
         self.stop_requested = stop_requested or (lambda: False)
-        self.stop_reason = "a stop signal"
+        self.stop_reason: Callable[[], str] = lambda: "a stop signal"
         self.data = data if data is not None else all_or_nothing(comm, lambda: prepare_data(cfg), "loading data")
         self.model = build_model(cfg)
         check_in_sync(comm, self.model.params, "at start-up")  # DP: same seed must mean same weights
@@ -447,7 +447,7 @@ class Trainer:
         path = self.save_checkpoint()
         progress.clear()
         where = f"; checkpoint {path}" if path else " (no run directory: nothing saved)"
-        raise Preempted(f"stopped by {self.stop_reason} at step {self.state.global_step}{where}; "
+        raise Preempted(f"stopped by {self.stop_reason()} at step {self.state.global_step}{where}; "
                         f"continue with: dpbp train --resume auto (same options)")
 
     def _end_of_epoch(self, seconds: float, samples: int) -> dict:
