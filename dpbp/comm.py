@@ -11,8 +11,11 @@ called inside ``if comm.is_root``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
+import time
 
 import numpy as np
 
@@ -57,6 +60,12 @@ class SerialComm:
     def barrier(self) -> None:
         pass
 
+    def waitall(self, requests) -> None:
+        pass
+
+    def start_watchdog(self, timeout: float) -> None:
+        """Nothing to watch in one process."""
+
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -85,50 +94,101 @@ class MPIComm:
         self.library = " ".join(MPI.Get_library_version().split()[:4])
         self._flag = np.zeros(1, np.int32)
         self.wait = wait_strategy(self.local_size)
+        self._busy_since: float | None = None  # when the collective in progress started
+        self._watchdog: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def _collective(self):
+        self._busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._busy_since = None
+
+    def start_watchdog(self, timeout: float) -> None:
+        """Abort the whole job if one collective makes no progress for ``timeout`` seconds.
+
+        A host that drops off the network leaves the other ranks waiting inside MPI
+        forever (TCP only gives up after ~15 minutes, and MPI does not notice). A
+        daemon thread (mpi4py releases the GIL inside MPI calls) sees the stalled
+        collective and calls MPI_Abort, which ends every reachable rank and mpiexec.
+        ``timeout <= 0`` disables it.
+        """
+        if timeout <= 0 or self._watchdog is not None:
+            return
+
+        def watch() -> None:
+            while True:
+                time.sleep(min(1.0, timeout / 10))
+                since = self._busy_since
+                if since is not None and time.monotonic() - since > timeout:
+                    sys.stderr.write(
+                        f"error on rank {self.rank}: no progress inside MPI for {timeout:g} s (a rank or host "
+                        "stopped answering; train.collective_timeout); aborting the job\n")
+                    sys.stderr.flush()
+                    self.comm.Abort(1)
+                    time.sleep(10)
+                    os._exit(1)  # Abort itself could not get through
+
+        self._watchdog = threading.Thread(target=watch, name="dpbp-mpi-watchdog", daemon=True)
+        self._watchdog.start()
 
     def allreduce_(self, buf: np.ndarray) -> np.ndarray:
-        if self.wait == "yield":
-            # More ranks than cores: a rank that spins inside MPI steals the core a late rank
-            # needs to finish its backprop; test-and-yield hands the core over instead.
-            req = self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
-            while not req.Test():
-                os.sched_yield()
-        else:
-            self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        with self._collective():
+            if self.wait == "yield":
+                # More ranks than cores: a rank that spins inside MPI steals the core a late rank
+                # needs to finish its backprop; test-and-yield hands the core over instead.
+                req = self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+                while not req.Test():
+                    os.sched_yield()
+            else:
+                self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
         return buf
 
     def iallreduce_(self, buf: np.ndarray):
         return self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
 
+    def waitall(self, requests) -> None:
+        """Complete non-blocking collectives started with ``iallreduce_``."""
+        with self._collective():
+            self._MPI.Request.Waitall(requests)
+
     def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
-        self.comm.Bcast(buf, root=root)
+        with self._collective():
+            self.comm.Bcast(buf, root=root)
         return buf
 
     def bcast_obj(self, obj, root: int = 0):
-        return self.comm.bcast(obj, root=root)  # small metadata only
+        with self._collective():
+            return self.comm.bcast(obj, root=root)  # small metadata only
 
     def allgather_obj(self, obj) -> list:
-        return self.comm.allgather(obj)  # small metadata only
+        with self._collective():
+            return self.comm.allgather(obj)  # small metadata only
 
     def gather_rows(self, local: np.ndarray, root: int = 0) -> np.ndarray | None:
         """Concatenate every rank's rows (in rank order) on ``root``; None elsewhere."""
         local = np.ascontiguousarray(local)
-        counts = np.array(self.comm.allgather(local.shape[0]), np.int64)
+        counts = np.array(self.allgather_obj(local.shape[0]), np.int64)
         row = int(np.prod(local.shape[1:], dtype=np.int64))
         if self.rank != root:
-            self.comm.Gatherv(local, None, root=root)
+            with self._collective():
+                self.comm.Gatherv(local, None, root=root)
             return None
         out = np.empty((int(counts.sum()),) + local.shape[1:], local.dtype)
-        self.comm.Gatherv(local, (out, counts * row), root=root)
+        with self._collective():
+            self.comm.Gatherv(local, (out, counts * row), root=root)
         return out
 
     def any(self, flag: bool) -> bool:
         self._flag[0] = 1 if flag else 0
-        self.comm.Allreduce(self._MPI.IN_PLACE, self._flag, op=self._MPI.MAX)
+        with self._collective():
+            self.comm.Allreduce(self._MPI.IN_PLACE, self._flag, op=self._MPI.MAX)
         return bool(self._flag[0])
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        with self._collective():
+            self.comm.Barrier()
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()

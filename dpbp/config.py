@@ -253,6 +253,14 @@ class TrainConfig:
             "compare a parameter checksum across ranks every K steps; 0 disables", min=0
         ),
     )
+    collective_timeout: float = field(
+        default=300.0,
+        metadata=_meta(
+            "abort the whole job when one MPI collective makes no progress for this many seconds "
+            "(a lost host); 0 disables",
+            min=0,
+        ),
+    )
     overlap_allreduce: bool = field(
         default=False,
         metadata=_meta(

@@ -324,8 +324,7 @@ class Trainer:
 
             model.loss_and_grad_sum(xs, ys, self.grad, check=False, on_forward_done=fill_tail,
                                     on_layer_ready=start_bucket)
-            for req in requests:
-                req.Wait()
+            comm.waitall(requests)
         else:
             fill_tail(model.loss_and_grad_sum(xs, ys, self.grad, check=False))
             comm.allreduce_(self.reduce_buf)  # DP: the one collective of the step
@@ -405,6 +404,7 @@ class Trainer:
                             steps_per_epoch=self.steps_per_epoch, epochs=t.epochs, log_every=t.log_every,
                             start_step=st.global_step)
         run_start = time.perf_counter()
+        self.comm.start_watchdog(t.collective_timeout)  # DP: a lost host must end the job, not hang it
         while st.epoch < t.epochs and not st.stopped:
             order = data_mod.epoch_permutation(n, t.seed, st.epoch, t.shuffle)  # DP: same on every rank
             epoch_start = time.perf_counter()

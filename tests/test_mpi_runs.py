@@ -163,3 +163,33 @@ def test_ranks_with_different_configs_are_refused():
                 "--run-dir", "/tmp/dpbp-unused", "--lr", "0.2"], timeout=30)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.count("rank(s) [1] started with a different config") == 1
+
+
+def test_a_rank_that_stops_answering_ends_the_job(tmp_path):
+    """SIGSTOP one rank (as a hung node would look): the others' watchdog aborts the job."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "stall"
+    proc = subprocess.Popen([*mpirun(2), sys.executable, "-m", "dpbp.cli", "train", *PREEMPT_ARGS,
+                             "--epochs", "100000", "--set", "train.collective_timeout=3", "--run-dir", str(run_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.02)
+    pids = rank_pids(str(run_dir))
+    assert len(pids) == 2, pids
+    os.kill(pids[-1], signal.SIGSTOP)
+    start = time.time()
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        for pid in pids:  # never leave a stopped process behind
+            try:
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode != 0
+    assert time.time() - start < 30
+    assert "no progress inside MPI for 3 s" in err, err
