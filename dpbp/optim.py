@@ -21,6 +21,14 @@ CHUNK_ELEMENTS = 1 << 17
 SCHEDULES = ("constant", "step", "cosine")
 
 
+class NonFiniteGradient(ArithmeticError):
+    """The gradient chunk starting at flat index ``start`` holds NaN or Inf."""
+
+    def __init__(self, start: int):
+        super().__init__(f"non-finite gradient in the chunk starting at parameter {start}")
+        self.start = start
+
+
 class Optimizer:
     """Base class: ``step(params, grads, lr)`` and exact state round-trips."""
 
@@ -33,22 +41,35 @@ class Optimizer:
         self.t = 0  # updates applied so far
         self.state = {k: np.zeros(self.n_params, self.dtype) for k in self.state_names}
 
-    def step(self, params: np.ndarray, grads: np.ndarray, lr: float) -> None:
-        """Apply one update in place. ``grads`` is the batch-mean gradient and is clobbered.
+    def step(self, params: np.ndarray, grads: np.ndarray, lr: float, *, grad_scale: float = 1.0,
+             check_finite: bool = False) -> None:
+        """Apply one update in place. ``grads`` (times ``grad_scale``) is the batch-mean gradient; clobbered.
 
         Works through the vectors in cache-sized chunks: an update is a dozen
-        element-wise passes, and doing all of them on a chunk while it sits in cache
-        instead of streaming every pass through memory makes Adam about twice as fast.
+        element-wise passes, and doing all of them (including the scaling of a
+        gradient sum into a mean) on a chunk while it sits in cache, instead of
+        streaming every pass through memory, makes Adam about twice as fast.
+        ``check_finite`` raises NonFiniteGradient before applying a chunk whose
+        gradient holds NaN/Inf; chunks already applied stay applied, so use it only
+        where a non-finite gradient ends training.
         """
         if params.shape != (self.n_params,) or grads.shape != (self.n_params,):
             raise ValueError(f"params and grads must have shape ({self.n_params},)")
         self.t += 1
-        lr = float(lr)
-        chunk = CHUNK_ELEMENTS
-        for start in range(0, self.n_params, chunk):
-            part = slice(start, start + chunk)
-            scratch = self._scratch[: min(chunk, self.n_params - start)] if self._scratch is not None else None
-            self._update(params[part], grads[part], lr, {k: v[part] for k, v in self.state.items()}, scratch)
+        lr, scale = float(lr), float(grad_scale)
+
+        def update(start: int) -> None:
+            part = slice(start, start + CHUNK_ELEMENTS)
+            g = grads[part]
+            if scale != 1.0:
+                g *= scale
+            if check_finite and not np.isfinite(np.sum(g)):
+                raise NonFiniteGradient(start)
+            scratch = self._scratch[: g.shape[0]] if self._scratch is not None else None
+            self._update(params[part], g, lr, {k: v[part] for k, v in self.state.items()}, scratch)
+
+        for start in range(0, self.n_params, CHUNK_ELEMENTS):
+            update(start)
 
     _scratch: np.ndarray | None = None
 

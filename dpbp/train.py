@@ -28,7 +28,7 @@ from dpbp.checkpoint import save_model
 from dpbp.config import Config
 from dpbp.errors import CheckpointError, ConfigError, DpbpError, SaveError
 from dpbp.model import MLP
-from dpbp.optim import LRSchedule, Optimizer, make_optimizer
+from dpbp.optim import LRSchedule, NonFiniteGradient, Optimizer, make_optimizer
 from dpbp.progress import Progress
 from dpbp.signals import PREEMPTED_EXIT_CODE
 from dpbp.threads import configure_blas_threads
@@ -330,14 +330,21 @@ class Trainer:
             comm.allreduce_(self.reduce_buf)  # DP: the one collective of the step
         loss_sum, count, correct = (float(v) for v in tail[:3])
         self.stop_votes = float(tail[3])
-        self.grad /= count  # DP: divide once by the GLOBAL row count
-        if not (math.isfinite(loss_sum) and math.isfinite(float(np.sum(self.grad)))):
-            if self._nonfinite(loss_sum):
-                return loss_sum, correct, count
-        if self.state.global_step % self.diag_every == 0:
-            self._sample_grad_norms()
+        # DP: the gradient is a SUM over the global batch; the optimizer divides once by the
+        # GLOBAL row count, fused into its cache-sized passes. Every rank holds the same sums
+        # here, so every decision below is the same on every rank.
+        inv_count = 1.0 / count
+        if self.state.global_step % self.diag_every == 0 and math.isfinite(loss_sum):
+            self._sample_grad_norms(inv_count)
+        skip = self.cfg.train.on_nonfinite == "skip"
+        if not math.isfinite(loss_sum) or (skip and not math.isfinite(float(np.sum(self.grad)))):
+            self._nonfinite(loss_sum)  # raises, or returns to skip this update
+            return loss_sum, correct, count
         lr = self.schedule(self.state.global_step)
-        self.optimizer.step(model.params, self.grad, lr)
+        try:
+            self.optimizer.step(model.params, self.grad, lr, grad_scale=inv_count, check_finite=not skip)
+        except NonFiniteGradient:
+            self._nonfinite(loss_sum)  # on_nonfinite = "stop": raises TrainingError naming the layer
         return loss_sum, correct, count
 
     def _plan_buckets(self) -> dict[int, np.ndarray]:
@@ -356,15 +363,15 @@ class Trainer:
                 stop = start
         return buckets
 
-    def _sample_grad_norms(self) -> None:
-        """Add this step's per-layer weight-gradient norms to the epoch's running sums.
+    def _sample_grad_norms(self, scale: float) -> None:
+        """Add this step's per-layer weight-gradient norms (of the mean: sum norm x ``scale``) to the epoch's sums.
 
         The vanishing-gradient signal: in a deep sigmoid/tanh net the early layers'
         norms fall by orders of magnitude. Computed from the reduced gradient, so
         identical on every rank.
         """
         gW, _ = self.model.layer_views(self.grad)
-        norms = [float(np.sqrt(np.vdot(g, g))) for g in gW]
+        norms = [scale * float(np.sqrt(np.vdot(g, g))) for g in gW]
         st = self.state
         st.grad_norm_sums = [a + b for a, b in zip(st.grad_norm_sums, norms)] if st.grad_norm_sums else norms
         st.grad_norm_count += 1
@@ -376,9 +383,9 @@ class Trainer:
             what = f"loss is {loss_sum}"
         else:
             gW, gb = self.model.layer_views(self.grad)
-            layer = next(i for i in range(self.model.n_layers)
-                         if not (np.all(np.isfinite(gW[i])) and np.all(np.isfinite(gb[i]))))
-            what = f"gradient of layer {layer + 1} is not finite"
+            layer = next((i for i in range(self.model.n_layers)
+                          if not (np.all(np.isfinite(gW[i])) and np.all(np.isfinite(gb[i])))), None)
+            what = "gradient is not finite" if layer is None else f"gradient of layer {layer + 1} is not finite"
         if self.cfg.train.on_nonfinite == "skip":
             if self.comm.is_root:
                 self.echo(f"warning: step {step}: {what}; skipping this update on all ranks")

@@ -222,3 +222,18 @@ def test_second_signal_exits_at_once(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
     assert proc.stdout == "flag set\n"
     assert proc.returncode == 128 + 15
+
+
+def test_nonfinite_gradient_names_the_layer(tmp_path):
+    cfg = small_config("train.epochs=1")
+    t = trainer(cfg, tmp_path)
+    real = t.model.loss_and_grad_sum
+
+    def poisoned(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        t.model.layer_views(t.grad)[0][1][0, 0] = np.inf  # layer 2's weight gradient
+        return stats
+
+    t.model.loss_and_grad_sum = poisoned
+    with pytest.raises(TrainingError, match=r"step 1 \(epoch 1\): gradient of layer 2 is not finite"):
+        t.run()

@@ -141,3 +141,32 @@ def test_schedules():
         LRSchedule(0.1, "exp")
     with pytest.raises(ValueError, match="> 0"):
         LRSchedule(0.0)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_fused_gradient_scaling_over_chunks_equals_scaling_first(name):
+    from dpbp.optim import CHUNK_ELEMENTS
+
+    n = 3 * CHUNK_ELEMENTS + 123  # several chunks and a ragged last one
+    rng = np.random.default_rng(1)
+    sums = [rng.normal(size=n).astype(np.float32) * 40 for _ in range(3)]
+    first, fused = make_optimizer(name, n, "float32"), make_optimizer(name, n, "float32")
+    p1 = rng.normal(size=n).astype(np.float32)
+    p2 = p1.copy()
+    for g in sums:
+        first.step(p1, g * (1 / 40), 0.01)
+        fused.step(p2, g.copy(), 0.01, grad_scale=1 / 40)
+    np.testing.assert_array_equal(p1, p2)
+
+
+def test_check_finite_stops_before_applying_a_bad_chunk():
+    from dpbp.optim import CHUNK_ELEMENTS, NonFiniteGradient
+
+    n = 2 * CHUNK_ELEMENTS
+    opt = make_optimizer("sgd", n, "float64")
+    params, grads = np.zeros(n), np.ones(n)
+    grads[CHUNK_ELEMENTS + 5] = np.nan
+    with pytest.raises(NonFiniteGradient) as info:
+        opt.step(params, grads, 0.1, check_finite=True)
+    assert info.value.start == CHUNK_ELEMENTS
+    assert np.all(params[CHUNK_ELEMENTS:] == 0)  # the bad chunk was not applied
