@@ -63,6 +63,15 @@ class SerialComm:
     def waitall(self, requests) -> None:
         pass
 
+    def reduce_scatter_(self, send: np.ndarray, recv: np.ndarray, counts: list[int]) -> np.ndarray:
+        """Sum ``send`` over ranks; this rank receives its block (``counts[rank]`` elements) in ``recv``."""
+        np.copyto(recv, send)
+        return recv
+
+    def allgather_(self, buf: np.ndarray, counts: list[int]) -> np.ndarray:
+        """In place: every rank's block (by ``counts``, in rank order) is copied to every rank."""
+        return buf
+
     def start_watchdog(self, timeout: float) -> None:
         """Nothing to watch in one process."""
 
@@ -152,6 +161,17 @@ class MPIComm:
         """Complete non-blocking collectives started with ``iallreduce_``."""
         with self._collective():
             self._MPI.Request.Waitall(requests)
+
+    def reduce_scatter_(self, send: np.ndarray, recv: np.ndarray, counts: list[int]) -> np.ndarray:
+        with self._collective():
+            self.comm.Reduce_scatter(send, recv, recvcounts=counts, op=self._MPI.SUM)
+        return recv
+
+    def allgather_(self, buf: np.ndarray, counts: list[int]) -> np.ndarray:
+        displs = np.concatenate([[0], np.cumsum(counts[:-1])]).tolist()
+        with self._collective():
+            self.comm.Allgatherv(self._MPI.IN_PLACE, [buf, (list(counts), displs)])
+        return buf
 
     def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
         with self._collective():

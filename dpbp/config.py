@@ -261,6 +261,15 @@ class TrainConfig:
             min=0,
         ),
     )
+    shard_optimizer: str = field(
+        default="auto",
+        metadata=_meta(
+            "update each rank's share of the parameters and exchange them (reduce-scatter + all-gather) "
+            "instead of every rank updating all of them; auto: for momentum/rmsprop/adam when ranks "
+            "outnumber the node's cores",
+            choices=("auto", "on", "off"),
+        ),
+    )
     overlap_allreduce: bool = field(
         default=False,
         metadata=_meta(

@@ -42,7 +42,7 @@ class Optimizer:
         self.state = {k: np.zeros(self.n_params, self.dtype) for k in self.state_names}
 
     def step(self, params: np.ndarray, grads: np.ndarray, lr: float, *, grad_scale: float = 1.0,
-             check_finite: bool = False) -> None:
+             check_finite: bool = False, span: tuple[int, int] | None = None) -> None:
         """Apply one update in place. ``grads`` (times ``grad_scale``) is the batch-mean gradient; clobbered.
 
         Works through the vectors in cache-sized chunks: an update is a dozen
@@ -52,24 +52,24 @@ class Optimizer:
         ``check_finite`` raises NonFiniteGradient before applying a chunk whose
         gradient holds NaN/Inf; chunks already applied stay applied, so use it only
         where a non-finite gradient ends training.
+        ``span=(lo, hi)`` updates only ``params[lo:hi]`` (and that part of the state)
+        from ``grads`` of length ``hi - lo``: a sharded optimizer, where each rank
+        updates its own span and the ranks then exchange parameters.
         """
-        if params.shape != (self.n_params,) or grads.shape != (self.n_params,):
-            raise ValueError(f"params and grads must have shape ({self.n_params},)")
+        lo, hi = span if span is not None else (0, self.n_params)
+        if params.shape != (self.n_params,) or grads.shape != (hi - lo,) or not 0 <= lo <= hi <= self.n_params:
+            raise ValueError(f"params must have shape ({self.n_params},) and grads ({hi - lo},)")
         self.t += 1
         lr, scale = float(lr), float(grad_scale)
-
-        def update(start: int) -> None:
-            part = slice(start, start + CHUNK_ELEMENTS)
-            g = grads[part]
+        for start in range(lo, hi, CHUNK_ELEMENTS):
+            part = slice(start, min(start + CHUNK_ELEMENTS, hi))
+            g = grads[start - lo : part.stop - lo]
             if scale != 1.0:
                 g *= scale
             if check_finite and not np.isfinite(np.sum(g)):
                 raise NonFiniteGradient(start)
             scratch = self._scratch[: g.shape[0]] if self._scratch is not None else None
             self._update(params[part], g, lr, {k: v[part] for k, v in self.state.items()}, scratch)
-
-        for start in range(0, self.n_params, CHUNK_ELEMENTS):
-            update(start)
 
     _scratch: np.ndarray | None = None
 

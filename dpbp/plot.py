@@ -60,7 +60,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     for layer in range(n_layers):
         ax_grad.plot(epochs, [n[layer] if n else float("nan") for n in norms], label=f"layer {layer + 1}",
                      marker=".")
-    ax_grad.set(title="gradient norm ||dL/dW|| per layer", xlabel="epoch",
+    ax_grad.set(title="gradient norm per layer (weights and biases)", xlabel="epoch",
                 yscale="log")
     for ax in (ax_loss, ax_acc, ax_grad):
         ax.grid(alpha=0.3)

@@ -131,9 +131,60 @@ def test_resume_on_another_rank_count_matches_to_rounding():
 
 @pytest.mark.parametrize("bucket_mb", [0.0001, 4.0])
 def test_overlapped_bucket_reduction_equals_one_rank(bucket_mb):
-    cfg = small_config("train.overlap_allreduce=true", f"train.bucket_mb={bucket_mb}", "train.batch_size=5")
+    cfg = small_config("train.overlap_allreduce=true", f"train.bucket_mb={bucket_mb}", "train.batch_size=5",
+                       "train.shard_optimizer=off")
     world = MPIComm()
     dist = quiet(cfg, world)
     assert len(dist.buckets) == (3 if bucket_mb < 0.001 else 1)
     ref = quiet(small_config("train.batch_size=5"), SerialComm()).run()
     assert max_rel_diff(dist.run().model.params, ref.model.params) < 1e-10
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adam"])
+def test_sharded_optimizer_equals_one_rank(optimizer):
+    cfg = small_config("train.shard_optimizer=on", f"train.optimizer={optimizer}", "train.batch_size=5")
+    world = MPIComm()
+    dist = quiet(cfg, world)
+    assert dist.shard is not None and sum(dist.shard.counts) == dist.model.n_params
+    ref = quiet(small_config(f"train.optimizer={optimizer}", "train.batch_size=5"), SerialComm()).run()
+    out = dist.run()
+    assert max_rel_diff(out.model.params, ref.model.params) < 1e-10
+    for a, b in zip(ref.history, out.history):
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-10)
+    digests = world.comm.allgather(out.model.params.tobytes())
+    assert all(d == digests[0] for d in digests)
+
+
+def test_sharded_checkpoints_resume_exactly_and_on_one_rank():
+    from pathlib import Path
+
+    world = MPIComm()
+    folder = Path(_shared_dir(world))
+    cfg = small_config("train.epochs=3", "checkpoint.every_steps=5", "checkpoint.keep=100",
+                       "train.shard_optimizer=on")
+    full = Trainer(cfg, world, folder, echo=lambda s: None).run()
+    middle = _mid_epoch(folder / "checkpoints")
+    resumed = quiet(cfg, world)
+    resumed.restore(middle)
+    np.testing.assert_array_equal(resumed.run().model.params, full.model.params)
+    on_one = quiet(cfg, SerialComm())  # the saved optimizer state is complete, not one rank's span
+    on_one.restore(middle)
+    assert max_rel_diff(on_one.run().model.params, full.model.params) < 1e-10
+
+
+def test_sharded_nonfinite_gradient_is_agreed_and_names_the_layer():
+    from dpbp.train import TrainingError
+
+    world = MPIComm()
+    t = quiet(small_config("train.shard_optimizer=on"), world)
+    real = t.model.loss_and_grad_sum
+
+    def poisoned(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        if world.rank == 0:
+            t.model.layer_views(t.grad)[1][2][0] = np.nan  # layer 3's bias, on one rank only
+        return stats
+
+    t.model.loss_and_grad_sum = poisoned
+    with pytest.raises(TrainingError, match="gradient of layer 3 is not finite"):
+        t.run()
