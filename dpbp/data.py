@@ -152,8 +152,12 @@ def _make_highdim(seed: int, n: int, d: int, classes: int) -> tuple[np.ndarray, 
     # Broadcast-and-sum instead of a BLAS matmul: the same bits on every machine.
     centres = (low[:, :, None] * embed[None, :, :]).sum(axis=1)
     cluster = rng.integers(0, classes * _HD_SUB, n)
-    x = centres[cluster]
-    x += rng.standard_normal((n, d))
+    # float32 from the start, noise added in row blocks: the largest temporary is one block,
+    # so loading peaks near the data set's own size (a float64 build doubled it twice over).
+    x = centres.astype(np.float32)[cluster]
+    for start in range(0, n, 4096):
+        block = x[start : start + 4096]
+        block += rng.standard_normal(block.shape, dtype=np.float32)
     return x, cluster % classes
 
 

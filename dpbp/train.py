@@ -263,12 +263,12 @@ class TrainResult:
 def _use_sharding(cfg: Config, comm) -> bool:
     """Shard the optimizer when asked, or (``auto``) when it measurably pays.
 
-    Measured on 2 cores (scripts/bench): reduce-scatter + all-gather costs about what
-    one Allreduce costs at 2 ranks and more at 8, while the sharded update saves
-    (ranks - 1)/ranks of the optimizer's element-wise work: a clear win for the
-    stateful optimizers (Adam: +30 % at 8 ranks on 2 cores, +5-10 % at 2), none for
-    plain SGD. ``auto`` therefore shards stateful optimizers when ranks outnumber the
-    cores; ``on`` also pays off for Adam at 2+ ranks (see the README's Performance).
+    Measured on 2 cores (scripts/bench): reduce-scatter + all-gather costs about 1.5x
+    one Allreduce of the same bytes, while the sharded update saves (ranks - 1)/ranks
+    of the optimizer's element-wise work: a win for the stateful optimizers (Adam:
+    +30 % at 8 ranks on 2 cores, 0-10 % at 2), none for plain SGD. ``auto`` therefore
+    shards stateful optimizers when ranks outnumber the cores; ``on`` may also pay off
+    for Adam at 2+ ranks (see the README's Performance).
     """
     mode = cfg.train.shard_optimizer
     if comm.size == 1 or mode == "off":
