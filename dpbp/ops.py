@@ -67,6 +67,14 @@ def activation_forward(name: str, z: np.ndarray, out: np.ndarray, scratch: np.nd
     return out
 
 
+def times_sigmoid_derivative(a: np.ndarray, delta: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """delta <- delta * a (1 - a): the sigmoid's derivative written through its output a."""
+    np.subtract(1.0, a, out=scratch)
+    scratch *= a
+    delta *= scratch
+    return delta
+
+
 def activation_backward(name: str, a: np.ndarray, delta: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     """delta <- delta * g'(z), in place, with g' written in terms of a = g(z).
 
@@ -83,9 +91,7 @@ def activation_backward(name: str, a: np.ndarray, delta: np.ndarray, scratch: np
         scratch += LEAKY_SLOPE
         delta *= scratch
     elif name == "sigmoid":
-        np.subtract(1.0, a, out=scratch)
-        scratch *= a
-        delta *= scratch
+        times_sigmoid_derivative(a, delta, scratch)
     elif name == "tanh":
         np.multiply(a, a, out=scratch)
         np.subtract(1.0, scratch, out=scratch)
@@ -172,9 +178,7 @@ def loss_sum_and_delta(
         np.subtract(a, target, out=delta)
         total = 0.5 * float(np.vdot(delta, delta))
         if output == "sigmoid":
-            np.subtract(1.0, a, out=scratch)
-            scratch *= a
-            delta *= scratch
+            times_sigmoid_derivative(a, delta, scratch)
         elif output == "softmax":
             # dz_i = a_i (g_i - sum_j g_j a_j), the softmax Jacobian applied to g = a - y.
             np.multiply(delta, a, out=scratch)

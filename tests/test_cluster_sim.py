@@ -156,17 +156,12 @@ def test_ranks_on_two_hosts_talk_over_the_bridge(cluster_id, netmod):
     assert_cluster_gone(cid)
 
 
-def test_losing_a_host_ends_the_job_quickly(tmp_path, cluster_id):
-    """Host 1's processes die mid-training (as when its node crashes): the whole job must end, non-zero.
-
-    Cutting host 1's link instead is the next test: MPI alone would hang there (see
-    scripts/cluster-sim/README.md); dpbp's collective watchdog ends it.
-    """
-    cid, procs = cluster_id
-    run_dir = tmp_path / "long"
+def start_long_run(cid: str, procs: list, tmp_path: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+    """Start an endless training run on 2 hosts x 1 rank and return once it is training."""
     out, err = (tmp_path / "stdout").open("w"), (tmp_path / "stderr").open("w")
     cmd = [str(RUN_SH), "--id", cid, "--hosts", "2", "--ranks-per-host", "1", "--no-hostnames", "--",
-           sys.executable, "-m", "dpbp.cli", "train", *TRAIN_ARGS, "--epochs", "100000", "--run-dir", str(run_dir)]
+           sys.executable, "-m", "dpbp.cli", "train", *TRAIN_ARGS, "--epochs", "100000", *extra,
+           "--run-dir", str(run_dir)]
     proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=ENV)  # files: a full pipe would stall rank 0
     procs.append(proc)
     deadline = time.monotonic() + 40
@@ -175,6 +170,18 @@ def test_losing_a_host_ends_the_job_quickly(tmp_path, cluster_id):
         assert time.monotonic() < deadline, "training did not start within 40 s"
         time.sleep(0.05)
     time.sleep(0.3)
+    return proc
+
+
+def test_losing_a_host_ends_the_job_quickly(tmp_path, cluster_id):
+    """Host 1's processes die mid-training (as when its node crashes): the whole job must end, non-zero.
+
+    Cutting host 1's link instead is the next test: MPI alone would hang there (see
+    scripts/cluster-sim/README.md); dpbp's collective watchdog ends it.
+    """
+    cid, procs = cluster_id
+    run_dir = tmp_path / "long"
+    proc = start_long_run(cid, procs, tmp_path, run_dir)
     pids = subprocess.run(["ip", "netns", "pids", f"{cid}-h1"], capture_output=True, text=True).stdout.split()
     assert pids, "nothing runs on host 1"
     cut = time.monotonic()
@@ -198,18 +205,7 @@ def test_cutting_a_hosts_link_ends_the_job(tmp_path, cluster_id):
     collective watchdog (train.collective_timeout) aborts the job from the hosts still reachable."""
     cid, procs = cluster_id
     run_dir = tmp_path / "cut"
-    out, err = (tmp_path / "stdout").open("w"), (tmp_path / "stderr").open("w")
-    cmd = [str(RUN_SH), "--id", cid, "--hosts", "2", "--ranks-per-host", "1", "--no-hostnames", "--",
-           sys.executable, "-m", "dpbp.cli", "train", *TRAIN_ARGS, "--epochs", "100000",
-           "--set", "train.collective_timeout=5", "--run-dir", str(run_dir)]
-    proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=ENV)
-    procs.append(proc)
-    deadline = time.monotonic() + 40
-    while not (run_dir / "metrics.jsonl").exists():
-        assert proc.poll() is None, (tmp_path / "stderr").read_text()
-        assert time.monotonic() < deadline, "training did not start within 40 s"
-        time.sleep(0.05)
-    time.sleep(0.3)
+    proc = start_long_run(cid, procs, tmp_path, run_dir, "--set", "train.collective_timeout=5")
     cut = time.monotonic()
     subprocess.run(["ip", "-n", f"{cid}-h1", "link", "set", "eth0", "down"], check=True, timeout=10)
     try:
