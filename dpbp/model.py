@@ -60,6 +60,10 @@ class _Workspace:
         self.delta_a = np.empty(wide, dtype)
         self.delta_b = np.empty(wide, dtype)
         self.scratch = np.empty(wide, dtype)
+        # relu's derivative as a bool mask (float32 only: measured 0.30 vs 0.46 ms per 512x1024
+        # layer; for float64 NumPy's bool->float64 cast buffer would outweigh the saving)
+        self.mask = np.empty(wide, bool) if dtype == np.float32 else None
+        self.ones = np.ones(n, dtype)  # bias gradients as ones @ delta: a BLAS call, 2x faster than sum
 
     @staticmethod
     def view(flat: np.ndarray, n: int, width: int) -> np.ndarray:
@@ -271,12 +275,13 @@ class MLP:
         for l in range(self.n_layers - 1, -1, -1):
             a_prev = X if l == 0 else ws.z[l - 1]
             np.matmul(delta.T, a_prev, out=gW[l])
-            np.sum(delta, axis=0, out=gb[l])
+            np.matmul(ws.ones, delta, out=gb[l])
             if l > 0:
                 d_prev = ws.view(buffers[l % 2], ws.n, self.sizes[l])
                 np.matmul(delta, self.weights[l], out=d_prev)
                 scratch = ws.view(ws.scratch, ws.n, self.sizes[l])
-                delta = ops.activation_backward(self.activation, a_prev, d_prev, scratch)
+                mask = ws.view(ws.mask, ws.n, self.sizes[l]) if ws.mask is not None else None
+                delta = ops.activation_backward(self.activation, a_prev, d_prev, scratch, mask)
             if on_layer_ready is not None:
                 on_layer_ready(l)  # DP: lets the trainer start reducing this layer early
 

@@ -75,16 +75,22 @@ def times_sigmoid_derivative(a: np.ndarray, delta: np.ndarray, scratch: np.ndarr
     return delta
 
 
-def activation_backward(name: str, a: np.ndarray, delta: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+def activation_backward(name: str, a: np.ndarray, delta: np.ndarray, scratch: np.ndarray,
+                        mask: np.ndarray | None = None) -> np.ndarray:
     """delta <- delta * g'(z), in place, with g' written in terms of a = g(z).
 
     Every hidden activation here has a derivative expressible through its output
     (sigmoid: a(1-a), tanh: 1-a^2, relu: [a>0]), so the forward pass can
-    overwrite z with a and keep one buffer per layer.
+    overwrite z with a and keep one buffer per layer. ``mask`` (bool, a's shape) is
+    optional scratch for relu.
     """
     if name == "relu":
-        np.sign(a, out=scratch)  # a >= 0, so sign(a) is exactly [a > 0], with no bool->float cast
-        delta *= scratch
+        if mask is not None:  # a bool mask: a quarter of the memory traffic of a float one
+            np.greater(a, 0.0, out=mask)
+            np.multiply(delta, mask, out=delta)
+        else:
+            np.sign(a, out=scratch)  # a >= 0, so sign(a) is exactly [a > 0]
+            delta *= scratch
     elif name == "leaky_relu":
         np.greater(a, 0.0, out=scratch)
         scratch *= 1.0 - LEAKY_SLOPE
