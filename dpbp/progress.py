@@ -34,7 +34,7 @@ class Progress:
         # Explicit log_every: exactly that often. Automatic: ~10 lines an epoch, at most one per 5 s.
         self.log_every = log_every or max(1, steps_per_epoch // 10)
         self.min_interval = 0.0 if log_every else 5.0
-        self.tty = enabled and echo is print and sys.stdout.isatty()
+        self.tty = enabled and sys.stdout.isatty()
         self.start_step, self.start_time = start_step, time.perf_counter()
         self._last_draw = -float("inf")  # the first due line prints at once
 
