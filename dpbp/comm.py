@@ -134,8 +134,7 @@ class MPIComm:
                     sys.stderr.write(
                         f"error on rank {self.rank}: no progress inside MPI for {timeout:g} s (a rank or host "
                         "stopped answering; train.collective_timeout); aborting the job\n")
-                    sys.stderr.flush()
-                    self.comm.Abort(1)
+                    self.abort(1)
                     time.sleep(10)
                     os._exit(1)  # Abort itself could not get through
 
@@ -211,8 +210,11 @@ class MPIComm:
             self.comm.Barrier()
 
     def abort(self, code: int = 1) -> None:
+        """End every rank of the job. The pause lets the launcher forward this rank's last
+        message before MPI_Abort kills the processes that would carry it."""
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(0.5)
         self.comm.Abort(code)
 
 
