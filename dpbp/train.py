@@ -660,15 +660,24 @@ class Trainer:
 
         def load():
             arrays, meta = ckpt.load_checkpoint(path)
-            self._check_compatible(path, arrays, meta)
-            return arrays, meta
+            try:
+                self._check_compatible(path, arrays, meta)
+                state = TrainState.from_json(meta["state"])
+                history = [dict(r) for r in meta["history"]]
+                if not (0 <= state.epoch and 0 <= state.step_in_epoch < self.steps_per_epoch
+                        and 0 <= state.global_step):
+                    raise ValueError(f"position epoch {state.epoch}, step {state.step_in_epoch} is out of range")
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                # Only a hand-made file gets here: the checksum matched, the content does not make sense.
+                raise CheckpointError(f"{path}: malformed checkpoint metadata ({type(exc).__name__}: {exc})") from None
+            return arrays, state, history
 
-        arrays, meta = all_or_nothing(self.comm, load, f"reading checkpoint {path}")
+        arrays, state, history = all_or_nothing(self.comm, load, f"reading checkpoint {path}")
         self.model.params[...] = arrays["params"]
         prefix = "optim_"
         self.optimizer.load_state_dict({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
-        self.state = TrainState.from_json(meta["state"])
-        self.history = list(meta["history"])
+        self.state = state
+        self.history = history
         self._last_saved_step = self.state.global_step
         check_in_sync(self.comm, self.model.params, "after loading the checkpoint")
         if self.comm.is_root and self.run_dir is not None:  # the log continues from the checkpoint

@@ -237,3 +237,21 @@ def test_nonfinite_gradient_names_the_layer(tmp_path):
     t.model.loss_and_grad_sum = poisoned
     with pytest.raises(TrainingError, match=r"step 1 \(epoch 1\): gradient of layer 2 is not finite"):
         t.run()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["state"].update(bogus=1),
+    lambda m: m["state"].update(step_in_epoch=10_000),
+    lambda m: m.update(history=5),
+    lambda m: m.update(model="not a dict"),
+    lambda m: m["optimizer"].pop("name"),
+])
+def test_well_formed_but_nonsensical_checkpoints_are_refused(saved_run, tmp_path, edit):
+    """A hand-made file with a valid checksum but broken metadata: a clear error, never a traceback."""
+    cfg, run_dir, _ = saved_run
+    arrays, meta = ckpt.load_checkpoint(ckpt.periodic_checkpoints(run_dir / "checkpoints")[-2])
+    edit(meta)
+    ckpt.save_checkpoint(tmp_path / "crafted.npz", arrays, meta)
+    with pytest.raises(DpbpError, match="crafted.npz") as info:
+        trainer(cfg).restore(tmp_path / "crafted.npz")
+    assert info.value.exit_code == 2
