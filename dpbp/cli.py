@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 import sys
 import traceback
@@ -51,7 +52,10 @@ def collective(fn):
         try:
             comm = get_comm()
         except CommError as exc:
-            click.echo(f"error: {exc}", err=True)
+            # No communicator yet: rank 0 (by the launcher's variables) alone reports it.
+            rank = os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "0"
+            if rank == "0":
+                click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         try:
             return fn(comm, *args, **kwargs)
@@ -433,7 +437,7 @@ def info(comm):
     echo(f"MPI library   {comm.library}")
     echo(f"ranks         {comm.size} ({comm.local_size} on this node)")
     echo(f"BLAS threads  {threads} per rank")
-    echo(f"MPI wait      {comm.wait} (yield when ranks outnumber cores; DPBP_WAIT=spin|yield)")
+    echo(f"MPI wait      {comm.wait} (DPBP_WAIT=spin|yield)")
     for lib in blas_info():
         echo(f"BLAS          {lib['library']} {lib['version']} ({lib['path']})")
 

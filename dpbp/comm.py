@@ -102,7 +102,7 @@ class MPIComm:
         node.Free()
         self.library = " ".join(MPI.Get_library_version().split()[:4])
         self._flag = np.zeros(1, np.int32)
-        self.wait = wait_strategy(self.local_size)
+        self.wait = wait_strategy()
         self._busy_since: float | None = None  # when the collective in progress started
         self._watchdog: threading.Thread | None = None
 
@@ -218,20 +218,17 @@ class MPIComm:
         self.comm.Abort(code)
 
 
-def wait_strategy(local_ranks: int) -> str:
-    """``spin`` (MPI's own blocking wait) or ``yield`` (test, then give the core away).
+def wait_strategy() -> str:
+    """``spin`` (MPI's own blocking wait, the default) or ``yield`` (test, then give the core away).
 
-    ``DPBP_WAIT=spin|yield`` forces one; by default ranks yield only when this node
-    has more ranks than cores (e.g. ``mpirun -n 8`` on a laptop).
+    ``DPBP_WAIT=yield`` opts in. Yielding was meant for more ranks than cores, but on
+    2 cores with 8 ranks it measured the same as MPICH's own wait (scripts/bench,
+    5.7-7.1k vs 6.1-7.2k samples/s), so it is not the default.
     """
-    choice = os.environ.get("DPBP_WAIT", "auto").lower()
-    if choice in ("spin", "yield"):
-        return choice
-    try:
-        cores = len(os.sched_getaffinity(0)) if local_ranks == 1 else (os.cpu_count() or 1)
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return "yield" if local_ranks > cores else "spin"
+    choice = os.environ.get("DPBP_WAIT", "spin").lower()
+    if choice not in ("spin", "yield"):
+        raise CommError(f"DPBP_WAIT must be spin or yield, not {choice!r}")
+    return choice
 
 
 def launched_by_mpi(environ=None) -> bool:
