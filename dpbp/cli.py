@@ -84,6 +84,22 @@ def collective(fn):
     return wrapper
 
 
+def one_process(fn):
+    """For commands that never use MPI: an expected error is one message and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from dpbp.errors import DpbpError
+
+        try:
+            return fn(*args, **kwargs)
+        except DpbpError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="dpbp")
 def main():
@@ -321,17 +337,12 @@ Examples:
 """)
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="PNG file (default RUN_DIR/training.png).")
+@one_process
 def plot(run_dir, output):
     """Draw train/val loss, accuracy and per-layer gradient norms of a run (needs matplotlib)."""
-    from dpbp.errors import DpbpError
     from dpbp.plot import plot_run
 
-    try:
-        path = plot_run(run_dir, output)
-    except DpbpError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote {plot_run(run_dir, output)}")
 
 
 @main.command(epilog="""\b
@@ -346,18 +357,15 @@ Examples:
 @click.option("--samples", default=40, show_default=True,
               help="Entries checked per layer (all if the layer is smaller).")
 @click.option("--tolerance", default=1e-6, show_default=True, help="Largest relative error accepted.")
+@one_process
 def gradcheck(config_file, overrides, rows, samples, tolerance):
     """Verify the configured model's backprop against finite differences, per layer (float64)."""
-    from dpbp.errors import DpbpError
+    from dpbp.config import load_config
     from dpbp.gradcheck import as_float64, check_gradients
     from dpbp.train import build_model, prepare_data
 
-    try:
-        cfg = _load_config(_serial(), config_file, overrides)
-        data = prepare_data(cfg)
-    except DpbpError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+    cfg = load_config(config_file, overrides)
+    data = prepare_data(cfg)
     model = as_float64(build_model(cfg))
     x, y = data.train.x[:rows], data.train.y[:rows]
     click.echo(f"checking {model.sizes} {model.activation}/{model.output}/{model.loss} on {x.shape[0]} rows "
@@ -372,12 +380,6 @@ def gradcheck(config_file, overrides, rows, samples, tolerance):
     click.echo(f"{verdict}: worst relative error {worst:.2e} (tolerance {tolerance:g})")
     if worst > tolerance:
         sys.exit(3)
-
-
-def _serial():
-    from dpbp.comm import SerialComm
-
-    return SerialComm()
 
 
 # ----------------------------------------------------------------------------- config / info
@@ -397,20 +399,15 @@ Examples:
 @config_option
 @set_option
 @click.option("--doc", is_flag=True, help="Print the Markdown reference of every key instead.")
+@one_process
 def config_show(config_file, overrides, doc):
     """Print the resolved config as TOML (defaults, then the file, then --set)."""
     from dpbp import config as config_mod
-    from dpbp.errors import DpbpError
 
     if doc:
         click.echo(config_mod.doc_markdown(), nl=False)
         return
-    try:
-        cfg = config_mod.load_config(config_file, overrides)
-    except DpbpError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    click.echo(config_mod.to_toml(cfg), nl=False)
+    click.echo(config_mod.to_toml(config_mod.load_config(config_file, overrides)), nl=False)
 
 
 @main.command(epilog="\b\nExamples:\n  dpbp info\n  mpirun -n 4 dpbp info")

@@ -19,14 +19,13 @@ def node_cores() -> int:
 
 
 def auto_threads(local_ranks: int) -> int:
-    """Threads for one rank when ``local_ranks`` ranks share this node."""
-    return max(1, (os.cpu_count() or 1) // max(1, local_ranks)) if local_ranks > 1 else node_cores()
+    """Threads for one rank when ``local_ranks`` ranks share this node (never more than it may use)."""
+    return min(node_cores(), max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
 
 
 def configure_blas_threads(requested: int, local_ranks: int) -> int:
     """Set the BLAS thread count (``requested``, or automatic when 0); return what is in force."""
     threads = requested if requested > 0 else auto_threads(local_ranks)
-    threads = min(threads, node_cores()) if requested <= 0 else threads
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency

@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--optimizer", default="adam", help="(default %(default)s)")
     p.add_argument("--rows", type=int, default=0, help="synthetic training rows (default: 40 batches, >= 20480)")
     p.add_argument("--source", default="builtin", choices=("builtin", "npz"),
-                   help="builtin: dpbp's highdim generator (works in float64 while loading); npz: the same set "
+                   help="builtin: dpbp's highdim generator (float32, in row blocks); npz: the same set "
                         "saved first as a float32 .npz, loaded by dpbp's file loader (default %(default)s)")
     p.add_argument("--steps", type=int, default=30, help="training steps before measuring (default %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
