@@ -217,6 +217,8 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
     echo(f"  {comm.size} rank{'s' if comm.size > 1 else ''} x {trainer.threads} BLAS thread"
          f"{'s' if trainer.threads > 1 else ''}, global batch {trainer.batch_size}, "
          f"{trainer.steps_per_epoch} steps/epoch, {cfg.train.optimizer} lr {cfg.train.lr:g}, run dir {path}")
+    if comm.size > 1:
+        echo(f"  gradients: {trainer.exchange}")
     if checkpoint is not None:
         trainer.restore(checkpoint)
         st = trainer.state

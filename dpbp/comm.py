@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+# Sleep between polls of a node barrier when ranks outnumber cores.
+NAP_SECONDS = 50e-6
 # Variables that MPI launchers (MPICH/hydra, Open MPI, PMIx, Slurm's srun with PMI) set per rank.
 LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -29,6 +31,7 @@ class SerialComm:
     rank = 0
     size = 1
     local_size = 1
+    local_rank = 0
     is_root = True
     library = "none (single process)"
     wait = "none"
@@ -72,6 +75,13 @@ class SerialComm:
         """In place: every rank's block (by ``counts``, in rank order) is copied to every rank."""
         return buf
 
+    def node_shared_array(self, n: int, dtype) -> np.ndarray:
+        """A zeroed 1-D array of ``n`` elements shared by this node's ranks. Here: a private one."""
+        return np.zeros(n, dtype)
+
+    def node_barrier(self) -> None:
+        """Wait for this node's ranks; their writes to node-shared arrays are visible afterwards."""
+
     def start_watchdog(self, timeout: float) -> None:
         """Nothing to watch in one process."""
 
@@ -97,9 +107,12 @@ class MPIComm:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.is_root = self.rank == 0
-        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_size = node.Get_size()  # ranks on this node: sets BLAS threads per rank
-        node.Free()
+        self._node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_size = self._node.Get_size()  # ranks on this node: sets BLAS threads per rank
+        self.local_rank = self._node.Get_rank()
+        self._windows: list = []
+        # More ranks than cores: a rank waiting at a node barrier sleeps, leaving the core to a late rank.
+        self._nap = self.local_size > (os.cpu_count() or 1)
         self.library = " ".join(MPI.Get_library_version().split()[:4])
         self._flag = np.zeros(1, np.int32)
         self.wait = wait_strategy()
@@ -172,6 +185,43 @@ class MPIComm:
             self.comm.Allgatherv(self._MPI.IN_PLACE, [buf, (list(counts), displs)])
         return buf
 
+    def node_shared_array(self, n: int, dtype) -> np.ndarray:
+        """A zeroed 1-D array of ``n`` elements that every rank of this node maps (collective over the node).
+
+        One MPI-3 shared-memory window (``MPI_Win_allocate_shared``), allocated by the
+        node's first rank and mapped by the others; it lives until the job ends. Writes by
+        one rank are visible to the others after ``node_barrier()``.
+        """
+        MPI = self._MPI
+        itemsize = np.dtype(dtype).itemsize
+        with self._collective():
+            win = MPI.Win.Allocate_shared(n * itemsize if self.local_rank == 0 else 0, itemsize, comm=self._node)
+            win.Lock_all(MPI.MODE_NOCHECK)  # passive epoch for the job's life: Win.Sync orders memory
+        self._windows.append(win)
+        memory, _ = win.Shared_query(0)
+        array = np.ndarray(buffer=memory, dtype=dtype, shape=(n,))
+        if self.local_rank == 0:
+            array.fill(0)
+        self.node_barrier()
+        return array
+
+    def node_barrier(self) -> None:
+        """Barrier over this node's ranks with the memory fences node-shared arrays need."""
+        for win in self._windows:
+            win.Sync()
+        self._barrier(self._node)
+        for win in self._windows:
+            win.Sync()
+
+    def _barrier(self, comm) -> None:
+        with self._collective():
+            if self._nap:
+                req = comm.Ibarrier()
+                while not req.Test():
+                    time.sleep(NAP_SECONDS)
+            else:
+                comm.Barrier()
+
     def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
         with self._collective():
             self.comm.Bcast(buf, root=root)
@@ -206,8 +256,7 @@ class MPIComm:
         return bool(self._flag[0])
 
     def barrier(self) -> None:
-        with self._collective():
-            self.comm.Barrier()
+        self._barrier(self.comm)
 
     def abort(self, code: int = 1) -> None:
         """End every rank of the job. The pause lets the launcher forward this rank's last

@@ -270,6 +270,15 @@ class TrainConfig:
             choices=("auto", "on", "off"),
         ),
     )
+    node_shared: str = field(
+        default="auto",
+        metadata=_meta(
+            "when all ranks run on one node: keep parameters, optimizer state and each rank's gradient "
+            "sum in one shared-memory window; each rank sums and updates its own span in place (no "
+            "Allreduce, no copies); auto: on one node unless shard_optimizer=on or overlap_allreduce=true",
+            choices=("auto", "on", "off"),
+        ),
+    )
     overlap_allreduce: bool = field(
         default=False,
         metadata=_meta(
@@ -388,6 +397,15 @@ def _check_min_lr(cfg: Config) -> str | None:
     return f"must be < train.lr = {cfg.train.lr!r}, got {cfg.train.min_lr!r}"
 
 
+def _check_node_shared(cfg: Config) -> str | None:
+    t = cfg.train
+    other = ("shard_optimizer = 'on'" if t.shard_optimizer == "on"
+             else "overlap_allreduce = true" if t.overlap_allreduce else None)
+    if t.node_shared != "on" or other is None:
+        return None
+    return f"'on' replaces the MPI gradient exchange, so it cannot be combined with {other}; pick one"
+
+
 _CROSS_CHECKS: tuple[tuple[str, str, Callable[[Config], str | None]], ...] = (
     (
         "model.loss",
@@ -403,6 +421,11 @@ _CROSS_CHECKS: tuple[tuple[str, str, Callable[[Config], str | None]], ...] = (
         _check_softmax_width,
     ),
     ("train.min_lr", "must be < `train.lr`", _check_min_lr),
+    (
+        "train.node_shared",
+        "`on` cannot be combined with `shard_optimizer = on` or `overlap_allreduce = true`",
+        _check_node_shared,
+    ),
 )
 
 

@@ -136,6 +136,20 @@ class MLP:
         """The model's own flat gradient buffer, same layout as ``params``."""
         return self._grads
 
+    def move_params(self, buf: np.ndarray, *, copy: bool = True) -> None:
+        """Keep the parameters in ``buf`` (``(n_params,)``, model dtype) from now on; layer views follow.
+
+        For node-shared memory: ranks that map the same ``buf`` then hold one copy.
+        ``copy`` writes the current values into ``buf`` first (let one of the sharing
+        processes do it).
+        """
+        if buf.shape != (self.n_params,) or buf.dtype != self.dtype:
+            raise ValueError(f"buf must be a ({self.n_params},) {self.dtype} array")
+        if copy:
+            buf[...] = self._params
+        self._params = buf
+        self.weights, self.biases = self.layer_views(buf)
+
     def layer_slices(self) -> list[tuple[slice, slice]]:
         """(weight slice, bias slice) of each layer inside a flat buffer."""
         out, start = [], 0

@@ -77,6 +77,20 @@ class Optimizer:
         """Update one chunk: ``params``/``grads``/``state`` values/``scratch`` are aligned slices."""
         raise NotImplementedError
 
+    def move_state(self, buffers: dict[str, np.ndarray], *, copy: bool = True) -> None:
+        """Keep each state vector in ``buffers[name]`` (e.g. node-shared memory) from now on.
+
+        ``copy`` writes the current values there first (one of the sharing processes does it).
+        """
+        if set(buffers) != set(self.state_names):
+            raise ValueError(f"{self.name} state needs buffers {sorted(self.state_names)}, got {sorted(buffers)}")
+        for k, buf in buffers.items():
+            if buf.shape != (self.n_params,) or buf.dtype != self.dtype:
+                raise ValueError(f"state buffer {k!r} must be a ({self.n_params},) {self.dtype} array")
+            if copy:
+                buf[...] = self.state[k]
+            self.state[k] = buf
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of the state arrays plus ``t`` as a 0-d int64 array."""
         out = {k: v.copy() for k, v in self.state.items()}

@@ -255,3 +255,23 @@ def test_well_formed_but_nonsensical_checkpoints_are_refused(saved_run, tmp_path
     with pytest.raises(DpbpError, match="crafted.npz") as info:
         trainer(cfg).restore(tmp_path / "crafted.npz")
     assert info.value.exit_code == 2
+
+
+def test_node_shared_choice():
+    from types import SimpleNamespace
+
+    from dpbp.errors import ConfigError
+    from dpbp.train import _use_node_shared
+
+    def comm(size, local):
+        return SimpleNamespace(size=size, local_size=local)
+
+    assert not _use_node_shared(small_config(), comm(1, 1))
+    assert _use_node_shared(small_config(), comm(4, 4))  # auto: every rank on one node
+    assert not _use_node_shared(small_config(), comm(4, 2))  # several nodes: MPI Allreduce
+    assert not _use_node_shared(small_config("train.shard_optimizer=on"), comm(4, 4))
+    assert not _use_node_shared(small_config("train.node_shared=off"), comm(4, 4))
+    with pytest.raises(ConfigError, match="one node"):
+        _use_node_shared(small_config("train.node_shared=on"), comm(4, 2))
+    with pytest.raises(ConfigError, match="pick one"):
+        small_config("train.node_shared=on", "train.overlap_allreduce=true")

@@ -298,3 +298,18 @@ def test_small_multiclass_problem_reaches_95_percent():
     accuracy = np.mean(np.argmax(model.predict(X[test]), axis=1) == y[test])
     assert accuracy > 0.95, accuracy
     assert train.stop == 2500
+
+
+def test_moved_params_keep_values_and_views_follow():
+    net = MLP([3, 4, 2], dtype="float32", seed=2)
+    before = net.params.copy()
+    home = np.full(net.n_params, -1.0, np.float32)
+    net.move_params(home)
+    np.testing.assert_array_equal(home, before)
+    home[0] = 7.0  # the model now trains this buffer: writes show through W(1)
+    assert net.weights[0][0, 0] == 7.0 and net.params is home
+    other = np.zeros(net.n_params, np.float32)
+    net.move_params(other, copy=False)  # another process already filled it
+    assert net.weights[0][0, 0] == 0.0
+    with pytest.raises(ValueError, match="float32"):
+        net.move_params(np.zeros(net.n_params))

@@ -170,3 +170,21 @@ def test_check_finite_stops_before_applying_a_bad_chunk():
         opt.step(params, grads, 0.1, check_finite=True)
     assert info.value.start == CHUNK_ELEMENTS
     assert np.all(params[CHUNK_ELEMENTS:] == 0)  # the bad chunk was not applied
+
+
+def test_moved_state_continues_the_same_updates():
+    rng = np.random.default_rng(3)
+    grads = [rng.normal(size=5) for _ in range(3)]
+    plain, moved = build("adam"), build("adam")
+    p1, p2 = np.zeros(5), np.zeros(5)
+    plain.step(p1, grads[0].copy(), 0.1)
+    moved.step(p2, grads[0].copy(), 0.1)
+    homes = {k: np.empty(5) for k in moved.state_names}
+    moved.move_state(homes)  # copies m and v over, then updates them there
+    for g in grads[1:]:
+        plain.step(p1, g.copy(), 0.1)
+        moved.step(p2, g.copy(), 0.1)
+    np.testing.assert_array_equal(p1, p2)
+    np.testing.assert_array_equal(homes["m"], plain.state["m"])
+    with pytest.raises(ValueError, match="needs buffers"):
+        moved.move_state({"m": np.zeros(5)})

@@ -26,10 +26,16 @@ def comm(request):
     return SerialComm() if request.param == "serial" else MPIComm()
 
 
+# The two ways N ranks on one node combine gradients: one MPI Allreduce, or node-shared memory.
+EXCHANGES = ["train.node_shared=off", "train.node_shared=on"]
+
+
+@pytest.mark.parametrize("exchange", EXCHANGES)
 @pytest.mark.parametrize("batch", [17, 2, 1])  # 2 and 1 leave some ranks with zero rows
-def test_one_step_equals_one_rank(batch):
-    cfg = small_config(f"train.batch_size={batch}", "train.optimizer=sgd")
+def test_one_step_equals_one_rank(batch, exchange):
+    cfg = small_config(f"train.batch_size={batch}", "train.optimizer=sgd", exchange)
     ref, dist = quiet(cfg, SerialComm()), quiet(cfg, MPIComm())
+    assert (dist.node is not None) == exchange.endswith("on")
     order = np.arange(ref.data.train.n_samples)
     ref_out = ref.step(order, 3)
     dist_out = dist.step(order, 3)
@@ -39,9 +45,10 @@ def test_one_step_equals_one_rank(batch):
     assert max_rel_diff(dist.model.params, ref.model.params) < 1e-12
 
 
+@pytest.mark.parametrize("exchange", EXCHANGES)
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "rmsprop", "adam"])
-def test_whole_run_equals_one_rank(optimizer):
-    cfg = small_config(f"train.optimizer={optimizer}", "train.schedule=cosine", "train.warmup_epochs=0.5")
+def test_whole_run_equals_one_rank(optimizer, exchange):
+    cfg = small_config(f"train.optimizer={optimizer}", "train.schedule=cosine", "train.warmup_epochs=0.5", exchange)
     ref = quiet(cfg, SerialComm()).run()
     dist = quiet(cfg, MPIComm()).run()
     assert max_rel_diff(dist.model.params, ref.model.params) < 1e-10
@@ -51,9 +58,10 @@ def test_whole_run_equals_one_rank(optimizer):
         assert a["val_accuracy"] == b["val_accuracy"]
 
 
-def test_weights_identical_on_every_rank_after_training():
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_weights_identical_on_every_rank_after_training(exchange):
     world = MPIComm()
-    result = quiet(small_config(dtype="float32"), world).run()
+    result = quiet(small_config(exchange, dtype="float32"), world).run()
     digests = world.comm.allgather(result.model.params.tobytes())
     assert all(d == digests[0] for d in digests)
 
@@ -62,7 +70,7 @@ def test_initial_weights_agree_and_divergence_is_caught():
     from dpbp.train import TrainingError, check_in_sync
 
     world = MPIComm()
-    trainer = quiet(small_config(), world)
+    trainer = quiet(small_config("train.node_shared=off"), world)  # private copies of the weights
     check_in_sync(world, trainer.model.params, "now")  # equal: no error
     if world.rank == world.size - 1:
         trainer.model.params[0] += 1e-9
@@ -95,13 +103,14 @@ def _mid_epoch(folder):
     return paths[len(paths) // 2]
 
 
+@pytest.mark.parametrize("exchange", EXCHANGES)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_resume_on_the_same_rank_count_is_bit_identical(dtype):
+def test_resume_on_the_same_rank_count_is_bit_identical(dtype, exchange):
     from pathlib import Path
 
     world = MPIComm()
     folder = Path(_shared_dir(world))
-    cfg = small_config("train.epochs=3", "checkpoint.every_steps=5", "checkpoint.keep=100", dtype=dtype)
+    cfg = small_config("train.epochs=3", "checkpoint.every_steps=5", "checkpoint.keep=100", exchange, dtype=dtype)
     full = Trainer(cfg, world, folder, echo=lambda s: None).run()
     resumed = quiet(cfg, world)
     resumed.restore(_mid_epoch(folder / "checkpoints"))
@@ -109,12 +118,13 @@ def test_resume_on_the_same_rank_count_is_bit_identical(dtype):
     np.testing.assert_array_equal(out.model.params, full.model.params)
 
 
-def test_resume_on_another_rank_count_matches_to_rounding():
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_resume_on_another_rank_count_matches_to_rounding(exchange):
     import tempfile
     from pathlib import Path
 
     world = MPIComm()
-    cfg = small_config("train.epochs=3", "checkpoint.every_steps=5", "checkpoint.keep=100")
+    cfg = small_config("train.epochs=3", "checkpoint.every_steps=5", "checkpoint.keep=100", exchange)
     # A checkpoint written by 1 rank, continued on N ranks ...
     local = Path(tempfile.mkdtemp(prefix="dpbp-serial-"))
     serial_full = Trainer(cfg, SerialComm(), local, echo=lambda s: None).run()
@@ -188,3 +198,62 @@ def test_sharded_nonfinite_gradient_is_agreed_and_names_the_layer():
     t.model.loss_and_grad_sum = poisoned
     with pytest.raises(TrainingError, match="gradient of layer 3 is not finite"):
         t.run()
+
+
+def test_node_shared_parameters_are_one_copy_per_node():
+    world = MPIComm()
+    t = quiet(small_config("train.node_shared=on"), world)
+    assert t.node is not None and t.shard is None
+    lo_hi = world.comm.allgather(t.node.span)
+    assert lo_hi[0][0] == 0 and lo_hi[-1][1] == t.model.n_params  # the spans tile the parameters
+    assert all(a[1] == b[0] for a, b in zip(lo_hi, lo_hi[1:]))
+    before = float(t.model.params[0])
+    world.barrier()
+    if world.rank == world.size - 1:
+        t.model.params[0] = 123.0  # one rank writes ...
+    world.node_barrier()
+    assert t.model.params[0] == 123.0  # ... every rank of the node reads it
+    assert t.model.weights[0][0, 0] == 123.0  # through the layer views as well
+    world.node_barrier()
+    if world.rank == 0:
+        t.model.params[0] = before
+    world.node_barrier()
+
+
+def test_node_shared_nonfinite_gradient_is_agreed_and_names_the_layer():
+    from dpbp.train import TrainingError
+
+    world = MPIComm()
+    t = quiet(small_config("train.node_shared=on"), world)
+    real = t.model.loss_and_grad_sum
+
+    def poisoned(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        if world.rank == world.size - 1:
+            t.model.layer_views(t.grad)[1][2][0] = np.inf  # layer 3's bias, on one rank only
+        return stats
+
+    t.model.loss_and_grad_sum = poisoned
+    with pytest.raises(TrainingError, match="gradient of layer 3 is not finite"):
+        t.run()
+
+
+def test_node_shared_skip_nonfinite_skips_everywhere():
+    world = MPIComm()
+    cfg = small_config("train.node_shared=on", "train.on_nonfinite=skip", "train.epochs=1")
+    t = quiet(cfg, world)
+    real, calls = t.model.loss_and_grad_sum, []
+
+    def poisoned(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3 and world.rank == 0:
+            t.model.layer_views(t.grad)[0][0][0, 0] = np.nan  # step 3, first layer, one rank
+        return stats
+
+    t.model.loss_and_grad_sum = poisoned
+    snapshots = []
+    t.run(on_step_end=lambda tr: snapshots.append(tr.model.params.copy()) and False)
+    np.testing.assert_array_equal(snapshots[1], snapshots[2])  # step 3 changed nothing
+    assert not np.array_equal(snapshots[2], snapshots[3])  # step 4 trained again
+    assert np.all(np.isfinite(t.model.params))
