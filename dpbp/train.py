@@ -35,7 +35,7 @@ from dpbp.checkpoint import save_model
 from dpbp.config import Config
 from dpbp.errors import CheckpointError, ConfigError, DpbpError, SaveError
 from dpbp.model import MLP
-from dpbp.optim import CHUNK_ELEMENTS, LRSchedule, NonFiniteGradient, Optimizer, make_optimizer
+from dpbp.optim import CHUNK_ELEMENTS, LRSchedule, NonFiniteGradient, Optimizer, all_finite, make_optimizer
 from dpbp.progress import Progress
 from dpbp.signals import PREEMPTED_EXIT_CODE
 from dpbp.threads import configure_blas_threads
@@ -463,7 +463,7 @@ class Trainer:
             layers = [self.grad[w.start : b.stop] for w, b in model.layer_slices()]
             self._add_grad_norms([float(np.vdot(g, g)) for g in layers], inv_count)
         skip = self.cfg.train.on_nonfinite == "skip"
-        if not math.isfinite(loss_sum) or (skip and not math.isfinite(float(np.sum(self.grad)))):
+        if not math.isfinite(loss_sum) or (skip and not all_finite(self.grad)):
             self._nonfinite(loss_sum)  # raises, or returns to skip this update
             return loss_sum, correct, count
         lr = self.schedule(self.state.global_step)

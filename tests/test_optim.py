@@ -188,3 +188,16 @@ def test_moved_state_continues_the_same_updates():
     np.testing.assert_array_equal(homes["m"], plain.state["m"])
     with pytest.raises(ValueError, match="needs buffers"):
         moved.move_state({"m": np.zeros(5)})
+
+
+def test_all_finite_is_exact_also_when_squares_overflow():
+    from dpbp.optim import all_finite
+
+    x = np.ones(1000, np.float32)
+    assert all_finite(x)
+    x[10] = 3e38  # finite, but its square overflows float32: the exact check decides
+    assert all_finite(x)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[999] = bad
+        assert not all_finite(y)

@@ -79,6 +79,18 @@ def set_args(values: Sequence[str] | None) -> list[str]:
     return [a for v in values or () for a in ("--set", v)]
 
 
+def train_step(trainer, order, i: int):
+    """Global step ``i`` of ``trainer`` over ``order``, counted as ``Trainer.run`` counts it.
+
+    Advancing ``state.global_step`` matters: the learning-rate schedule and the
+    gradient-norm diagnostics (about 10 per epoch) follow it, so a benchmark that
+    did not advance it would compute those diagnostics on every step.
+    """
+    out = trainer.step(order, i % trainer.steps_per_epoch)
+    trainer.state.global_step += 1
+    return out
+
+
 def default_rows(batch: int) -> int:
     """Synthetic rows: 40 reference batches, at least 8 batches of the given size."""
     return max(20480, 8 * batch)

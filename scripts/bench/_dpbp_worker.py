@@ -25,6 +25,7 @@ from _common import (
     load_dpbp_config,
     median,
     parse_model,
+    train_step,
 )
 
 
@@ -57,7 +58,7 @@ def main() -> None:
     for i in range(args.warmup + args.steps):
         comm.barrier()
         t0 = time.perf_counter()
-        trainer.step(order, i % trainer.steps_per_epoch)
+        train_step(trainer, order, i)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     free_s = float("nan")
@@ -65,7 +66,7 @@ def main() -> None:
         comm.barrier()
         t0 = time.perf_counter()
         for i in range(args.free_steps):
-            trainer.step(order, (args.warmup + args.steps + i) % trainer.steps_per_epoch)
+            train_step(trainer, order, args.warmup + args.steps + i)
         comm.barrier()
         free_s = (time.perf_counter() - t0) / args.free_steps
     every_rank = comm.allgather_obj(times)

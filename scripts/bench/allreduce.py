@@ -33,6 +33,7 @@ from _common import (
     parse_model,
     print_table,
     relaunch_under_mpi,
+    train_step,
     under_mpi_launcher,
     write_csv,
 )
@@ -155,7 +156,7 @@ def main() -> None:
         timed.records.clear()
         comm.barrier()
         t0 = time.perf_counter()
-        trainer.step(order, i % trainer.steps_per_epoch)
+        train_step(trainer, order, i)
         t_step = time.perf_counter() - t0
         nbytes = sum(r[1] for r in timed.records)
         if raw is None:

@@ -38,6 +38,7 @@ from _common import (
     parse_model,
     print_table,
     relaunch_under_mpi,
+    train_step,
     under_mpi_launcher,
     write_csv,
 )
@@ -149,11 +150,11 @@ def main() -> None:
     peaks["loading"] = _peak()
     order = data_mod.epoch_permutation(trainer.data.train.n_samples, 0, 0)
     reset_peak()
-    trainer.step(order, 0)  # the first step allocates the workspace
+    train_step(trainer, order, 0)  # the first step allocates the workspace
     peaks["first step"] = _peak()
     reset_peak()
     for i in range(1, args.steps):
-        trainer.step(order, i % trainer.steps_per_epoch)
+        train_step(trainer, order, i)
     peaks["steps"] = _peak()
     status = proc_status()
 

@@ -40,6 +40,7 @@ from _common import (
     parse_model,
     plot,
     print_table,
+    train_step,
     write_csv,
 )
 from threadpoolctl import threadpool_limits
@@ -283,8 +284,8 @@ def main() -> None:
                 in_force = [i.get("num_threads") for i in blas_entries()]
                 spe, k = trainer.steps_per_epoch, [0]
 
-                def dpbp_step(trainer=trainer, spe=spe, k=k):
-                    trainer.step(order, k[0] % spe)
+                def dpbp_step(trainer=trainer, k=k):
+                    train_step(trainer, order, k[0])
                     k[0] += 1
 
                 fns = {"floor": floor.step, "dpbp": dpbp_step}
@@ -352,7 +353,7 @@ def profile(trainer, floor, order, threads, opt, steps, warmup) -> list[dict]:
     """
     n = trainer.batch_size
     pieces = ModelPieces(list(trainer.model.sizes), n, np.asarray(trainer.data.train.y[order[:n]]))
-    spe, k = trainer.steps_per_epoch, [0]
+    k = [0]
     per_step: dict[str, list[float]] = {key: [] for key, _ in STEP_PARTS}
     per_step["step"] = []
     with Instrumented(trainer) as ins:
@@ -360,7 +361,7 @@ def profile(trainer, floor, order, threads, opt, steps, warmup) -> list[dict]:
         def step():
             ins.reset()
             t0 = time.perf_counter()
-            trainer.step(order, k[0] % spe)
+            train_step(trainer, order, k[0])
             total = time.perf_counter() - t0
             k[0] += 1
             for key in ins.acc:
