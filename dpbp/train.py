@@ -310,7 +310,7 @@ class _NodeShared:
     slots: (ranks, n_params + 4) rows, rank r's gradient sum then its loss sum, row
     count, correct count and stop vote; squares: (ranks, layers) squared gradient norms
     of each rank's span. span: [lo, hi) of the parameters this rank sums and updates;
-    grad: the summed gradient of that span (private); layer_parts as in ``_Shard``.
+    grad: the summed gradient of that span (private).
     """
 
     def __init__(self, model: MLP, optimizer: Optimizer, comm):
@@ -328,17 +328,28 @@ class _NodeShared:
         self.span = data_mod.shard_bounds(n, k, comm.rank)
         lo, hi = self.span
         self.grad = np.empty(hi - lo, model.dtype)
-        self.layer_parts = [(max(w.start, lo) - lo, max(min(b.stop, hi), lo) - lo) for w, b in model.layer_slices()]
+        self.layer_ranges = [(w.start, b.stop) for w, b in model.layer_slices()]  # flat [start, stop) of each layer
+        self.rank = comm.rank
 
     def sum_span(self) -> None:
-        """grad <- the sum over all slots of this rank's span, in rank order, chunk by chunk (cache)."""
+        """grad <- my span of the summed slots (rank order); ``squares[rank]`` <- its per-layer squared norms.
+
+        Chunk by chunk, so each chunk is summed and squared while it is in cache.
+        """
         lo, hi = self.span
+        mine = self.squares[self.rank]
+        mine[...] = 0.0
         for start in range(lo, hi, CHUNK_ELEMENTS):
             stop = min(start + CHUNK_ELEMENTS, hi)
             out = self.grad[start - lo : stop - lo]
             np.copyto(out, self.slots[0, start:stop])
             for row in self.slots[1:]:
                 out += row[start:stop]
+            for layer, (w, b) in enumerate(self.layer_ranges):
+                first, last = max(w, start), min(b, stop)
+                if last > first:
+                    part = out[first - start : last - start]
+                    mine[layer] += np.dot(part, part)
 
 
 class _Shard:
@@ -533,14 +544,10 @@ class Trainer:
             self._nonfinite(loss_sum)  # raises, or returns to skip this update everywhere
             return loss_sum, correct, count
         node.sum_span()
-        mine = node.squares[comm.rank]
-        for layer, (a, b) in enumerate(node.layer_parts):
-            part = node.grad[a:b]
-            mine[layer] = np.vdot(part, part) if b > a else 0.0
-        skip = self.cfg.train.on_nonfinite == "skip"
-        if skip:
+        squares = None
+        if self.cfg.train.on_nonfinite == "skip":
             comm.node_barrier()  # DP: every span's norms are posted before any span changes
-        squares = [float(v) for v in node.squares.sum(axis=0)] if skip else None
+            squares = [float(v) for v in node.squares.sum(axis=0)]
         if squares is None or all(math.isfinite(q) for q in squares):
             lr = self.schedule(self.state.global_step)
             with np.errstate(invalid="ignore", over="ignore"):  # stop mode: NaN/Inf are reported below

@@ -8,7 +8,10 @@ any data is loaded; (2) builds a ``Trainer`` (loads the data) and runs ``--steps
 reports its peak RSS (``ru_maxrss`` and ``VmHWM`` from /proc/self/status) and the arrays it holds,
 found by walking the trainer's objects (so new buffers in dpbp are counted without editing
 this script): the data set, params + grads, the reduce buffer, optimizer state, the gather
-buffers and the model's workspace (activations for this rank's shard). Ratio = peak RSS /
+buffers and the model's workspace (activations for this rank's shard); with
+``train.node_shared`` the node-shared window (parameters, optimizer state, every rank's
+gradient slot: mapped by every rank of the node, so it is counted once per rank, as RSS does
+for the pages a rank touches). Ratio = peak RSS /
 (baseline + accounted), target <= 1.5. Both peak counters are read and then reset
 (``/proc/self/clear_refs``; it clears ``ru_maxrss`` too) at each phase boundary: baseline,
 loading (``Trainer(...)``), first step, remaining steps. The whole-run peak is the largest of
@@ -162,6 +165,8 @@ def main() -> None:
     model = trainer.model
     parts = {
         "data": arrays_under(trainer.data, seen),
+        # train.node_shared: params, optimizer state and every rank's gradient slot, mapped by all ranks
+        "node_window": arrays_under([model.params] if getattr(trainer, "node", None) is not None else [], seen),
         "params+grads": arrays_under([model.params, model.grads], seen),
         "reduce_buf": arrays_under(trainer.reduce_buf, seen),
         "optimizer": arrays_under(trainer.optimizer, seen),
@@ -196,7 +201,8 @@ def main() -> None:
     header(f"memory.py: {comm.size} ranks x {threads} threads, model {args.model}, global batch {args.batch}, "
            f"{args.optimizer}, {rows} rows from {args.source} ({cfg.data.train}), after {args.steps} steps (MB = MiB)")
     print_table(rows_all, [("rank", "rank", ""), ("baseline_MB", "baseline", ".1f"), ("data_MB", "data", ".1f"),
-                           ("params+grads_MB", "params+grads", ".1f"), ("reduce_buf_MB", "reduce buf", ".1f"),
+                           ("node_window_MB", "node window", ".1f"), ("params+grads_MB", "params+grads", ".1f"),
+                           ("reduce_buf_MB", "reduce buf", ".1f"),
                            ("optimizer_MB", "optim", ".1f"), ("gather_buffers_MB", "gather", ".1f"),
                            ("workspace_MB", "workspace", ".1f"), ("other_MB", "other", ".1f"),
                            ("expected_MB", "base+acct", ".1f"), ("ru_maxrss_MB", "ru_maxrss", ".1f"),
