@@ -116,6 +116,7 @@ def test_two_hosts_train_the_model_of_one_process(tmp_path, cluster_id):
                   "--run-dir", str(tmp_path / "two-hosts"))
     assert dist.returncode == 0, dist.stdout + dist.stderr
     assert "4 ranks" in dist.stdout and dist.stdout.count("done:") == 1, dist.stdout
+    assert "gradients: one Allreduce per step" in dist.stdout  # several nodes: no node-shared exchange
     where = re.search(r"^cluster-sim: ranks by host: (.*)$", dist.stderr, re.M)
     assert where and where.group(1) == "dpbp-h0=[0,1] dpbp-h1=[2,3]", dist.stderr
     a = load_model(tmp_path / "one" / "model.npz")

@@ -41,6 +41,7 @@ def test_cli_train_under_mpirun_equals_one_process(tmp_path):
     assert dist.returncode == 0, dist.stdout + dist.stderr
     assert dist.stdout.count("done:") == 1, "rank 0 alone prints the result"
     assert "3 ranks" in dist.stdout
+    assert "gradients: node-shared memory" in dist.stdout  # one node: train.node_shared=auto uses it
     a = load_model(tmp_path / "one" / "model.npz")
     b = load_model(tmp_path / "three" / "model.npz")
     assert max_rel_diff(b.params, a.params) < 1e-10
