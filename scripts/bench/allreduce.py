@@ -7,7 +7,9 @@ Builds a real ``Trainer`` over ``MPIComm`` and replaces ``trainer.comm`` with a 
 (dpbp is not edited): every ``allreduce_`` the step makes gets a barrier first and is timed;
 with ``--set train.overlap_allreduce=true`` the bucketed ``iallreduce_`` path is timed as the time
 it exposes (starting each bucket + the final wait; no barrier, since it overlaps backprop);
-with ``--set train.shard_optimizer=on`` the reduce-scatter + all-gather pair is timed.
+with ``--set train.shard_optimizer=on`` the reduce-scatter + all-gather pair is timed; with the
+node-shared exchange (``train.node_shared``, the default on one node) its node barriers (each
+after a plain barrier) plus the summing of every rank's gradient slot over this rank's span.
 Interleaved with each real step, a raw ``MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, buf)`` on a
 float32 buffer of the same size is timed after a barrier. A time is the slowest rank's; the
 table gives medians over ``--repeats`` steps and raw/dpbp (target >= 0.9: dpbp's reduction
@@ -100,6 +102,24 @@ class TimedComm:
         self.records.append([time.perf_counter() - t0, send.nbytes, "reduce_scatter_"])
         return out
 
+    def node_barrier(self) -> None:
+        """The node-shared exchange's barriers (``train.node_shared``): each after a plain barrier, like the rest."""
+        self._inner.barrier()
+        t0 = time.perf_counter()
+        self._inner.node_barrier()
+        self.records.append([time.perf_counter() - t0, 0, "node_barrier"])
+
+    def time_node_sum(self, node, nbytes: int) -> None:
+        """Time ``node.sum_span`` (adding up every rank's slot over this rank's span) as the reduction of ``nbytes``."""
+        real = node.sum_span
+
+        def timed() -> None:
+            t0 = time.perf_counter()
+            real()
+            self.records.append([time.perf_counter() - t0, nbytes, "sum_span"])
+
+        node.sum_span = timed
+
     def allgather_(self, buf, counts):
         """The sharded optimizer's parameter exchange after its update: counted, no bytes of gradient."""
         self._inner.barrier()
@@ -148,6 +168,8 @@ def main() -> None:
                f"{args.batch}, median of {args.repeats} steps")
     timed = TimedComm(trainer.comm)
     trainer.comm = timed
+    if getattr(trainer, "node", None) is not None:  # node-shared exchange: the sum over the slots is the reduction
+        timed.time_node_sum(trainer.node, trainer.reduce_buf.nbytes)
     order = data_mod.epoch_permutation(trainer.data.train.n_samples, 0, 0)
     world = MPI.COMM_WORLD
     raw = None
