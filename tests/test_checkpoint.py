@@ -275,3 +275,19 @@ def test_node_shared_choice():
         _use_node_shared(small_config("train.node_shared=on"), comm(4, 2))
     with pytest.raises(ConfigError, match="pick one"):
         small_config("train.node_shared=on", "train.overlap_allreduce=true")
+
+
+def test_node_shared_needs_room_in_dev_shm(monkeypatch):
+    from types import SimpleNamespace
+
+    from dpbp import train
+    from dpbp.errors import ConfigError
+
+    one_node = SimpleNamespace(size=8, local_size=8)
+    monkeypatch.setattr(train, "_shm_free_bytes", lambda: 64 * 2**20)  # Docker's default /dev/shm
+    assert train._use_node_shared(small_config(), one_node, window_bytes=1 * 2**20) is False  # the reserve
+    assert train._use_node_shared(small_config(), one_node, window_bytes=0) is True
+    with pytest.raises(ConfigError, match="--shm-size"):
+        train._use_node_shared(small_config("train.node_shared=on"), one_node, window_bytes=100 * 2**20)
+    monkeypatch.setattr(train, "_shm_free_bytes", lambda: None)  # no /dev/shm to ask
+    assert train._use_node_shared(small_config(), one_node, window_bytes=100 * 2**20) is True
