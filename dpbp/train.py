@@ -285,6 +285,7 @@ def _use_sharding(cfg: Config, comm) -> bool:
 
 
 SHM_DIR = "/dev/shm"  # where MPICH and Open MPI place shared-memory windows on Linux
+SHM_RESERVE = 64 * 2**20  # room left there for MPI's own shared-memory transport
 
 
 def _shm_free_bytes() -> int | None:
@@ -299,9 +300,9 @@ def _shm_free_bytes() -> int | None:
 def _use_node_shared(cfg: Config, comm, window_bytes: int = 0) -> bool:
     """Combine gradients through node-shared memory (see ``train.node_shared``)?
 
-    Measured on 2 cores (scripts/bench): 2 ranks train 5-15 % faster than with one
-    Allreduce per step plus an update repeated on every rank, and 8 ranks (more ranks
-    than cores) about 1.5x as fast. It needs every rank on one node, and room for the
+    Measured on 2 cores (scripts/bench): 2 ranks train 3-17 % faster than with one
+    Allreduce per step plus an update repeated on every rank (more with Adam than SGD),
+    and 8 ranks (more ranks than cores) about 1.5x as fast. It needs every rank on one node, and room for the
     window in /dev/shm (Docker gives 64 MiB unless ``--shm-size`` says more): touching
     a window larger than that would crash the job, so ``auto`` then keeps the Allreduce.
     """
@@ -321,10 +322,6 @@ def _use_node_shared(cfg: Config, comm, window_bytes: int = 0) -> bool:
                               "run --shm-size=1g ...); or set train.node_shared=off")
         return True
     return one_node and room and t.shard_optimizer != "on" and not t.overlap_allreduce
-
-
-# Room left in /dev/shm for MPI's own shared-memory transport besides the window.
-SHM_RESERVE = 64 * 2**20
 
 
 class _NodeShared:
