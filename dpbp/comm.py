@@ -111,8 +111,9 @@ class MPIComm:
         self.local_size = self._node.Get_size()  # ranks on this node: sets BLAS threads per rank
         self.local_rank = self._node.Get_rank()
         self._windows: list = []
-        # More ranks than cores: a rank waiting at a node barrier sleeps, leaving the core to a late rank.
+        # More ranks than cores: a waiting rank must not take the core a late rank needs.
         self._nap = self.local_size > (os.cpu_count() or 1)
+        self._pipes: _PipeBarrier | None = None
         self.library = " ".join(MPI.Get_library_version().split()[:4])
         self._flag = np.zeros(1, np.int32)
         self.wait = wait_strategy()
@@ -202,14 +203,25 @@ class MPIComm:
         array = np.ndarray(buffer=memory, dtype=dtype, shape=(n,))
         if self.local_rank == 0:
             array.fill(0)
+        if self._nap and self._pipes is None and self.local_size > 1:
+            with self._collective():
+                self._pipes = _PipeBarrier(self._node)
         self.node_barrier()
         return array
 
     def node_barrier(self) -> None:
-        """Barrier over this node's ranks with the memory fences node-shared arrays need."""
+        """Barrier over this node's ranks with the memory fences node-shared arrays need.
+
+        With more ranks than cores the waiting ranks block in the kernel (``_PipeBarrier``)
+        instead of polling MPI, so the ranks still computing get the cores.
+        """
         for win in self._windows:
             win.Sync()
-        self._barrier(self._node)
+        if self._pipes is not None:
+            with self._collective():
+                self._pipes.wait()
+        else:
+            self._barrier(self._node)
         for win in self._windows:
             win.Sync()
 
@@ -265,6 +277,51 @@ class MPIComm:
         sys.stderr.flush()
         time.sleep(0.5)
         self.comm.Abort(code)
+
+
+class _PipeBarrier:
+    """A barrier for the ranks of one node in which waiting ranks sleep in ``read()``.
+
+    Every rank owns a FIFO. A rank arriving writes one byte into the leader's (node
+    rank 0) FIFO and blocks reading its own; the leader reads one byte per other rank,
+    which blocks until the last one has arrived, then writes one byte into every other
+    rank's FIFO. No rank polls, so with more ranks than cores the waiting ranks cost
+    nothing while the late ones finish (MPI's barrier spins or, polled with naps, wakes
+    every rank thousands of times a second). A rank cannot arrive at the next barrier
+    before the leader released it from this one, so bytes never mix between barriers.
+    The FIFOs are unlinked as soon as every rank has opened them: nothing is left on
+    disk, even when the job is killed.
+    """
+
+    def __init__(self, node):
+        import tempfile
+
+        self.size, rank = node.Get_size(), node.Get_rank()
+        folder = node.bcast(tempfile.mkdtemp(prefix="dpbp-barrier-") if rank == 0 else None, root=0)
+        path = os.path.join(folder, str(rank))
+        os.mkfifo(path, 0o600)
+        self.own = os.open(path, os.O_RDWR)  # O_RDWR: Linux opens a FIFO without waiting for a writer
+        node.Barrier()
+        others = range(1, self.size) if rank == 0 else [0]
+        self.peers = [os.open(os.path.join(folder, str(r)), os.O_RDWR) for r in others]
+        node.Barrier()
+        os.unlink(path)
+        node.Barrier()
+        if rank == 0:
+            os.rmdir(folder)
+        self.leader = rank == 0
+
+    def wait(self) -> None:
+        if self.leader:
+            missing = self.size - 1
+            while missing:
+                missing -= len(os.read(self.own, missing))
+            for fd in self.peers:
+                os.write(fd, b"\0")
+        else:
+            os.write(self.peers[0], b"\0")
+            while not os.read(self.own, 1):
+                pass
 
 
 def wait_strategy() -> str:

@@ -6,6 +6,9 @@ config, then compares with the MPI result. Launched by tests/test_mpi_runs.py.
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 from helpers import max_rel_diff, small_config
@@ -257,3 +260,23 @@ def test_node_shared_skip_nonfinite_skips_everywhere():
     np.testing.assert_array_equal(snapshots[1], snapshots[2])  # step 3 changed nothing
     assert not np.array_equal(snapshots[2], snapshots[3])  # step 4 trained again
     assert np.all(np.isfinite(t.model.params))
+
+
+@pytest.mark.parametrize("kind", ["mpi", "pipes"])
+def test_node_barrier_orders_shared_writes(kind):
+    """Round after round, no rank passes a node barrier before every rank's write of that round."""
+    from dpbp.comm import _PipeBarrier
+
+    world = MPIComm()
+    counters = world.node_shared_array(world.size, np.int64)
+    if kind == "pipes":  # the barrier dpbp uses when ranks outnumber cores, forced here
+        world._pipes = _PipeBarrier(world._node)
+    for round_ in range(1, 201):
+        if world.rank == round_ % world.size:
+            time.sleep(0.001)  # a late rank each round
+        counters[world.rank] = round_
+        world.node_barrier()
+        assert np.all(counters == round_), (round_, counters)
+        world.node_barrier()  # nobody writes the next round before all have checked this one
+    oversubscribed = world.local_size > (os.cpu_count() or 1)
+    assert (world._pipes is not None) == (kind == "pipes" or oversubscribed)
