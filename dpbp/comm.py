@@ -268,7 +268,11 @@ class MPIComm:
         return bool(self._flag[0])
 
     def barrier(self) -> None:
-        self._barrier(self.comm)
+        if self._pipes is not None and self.local_size == self.size:  # one node, more ranks than cores
+            with self._collective():
+                self._pipes.wait()
+        else:
+            self._barrier(self.comm)
 
     def abort(self, code: int = 1) -> None:
         """End every rank of the job. The pause lets the launcher forward this rank's last
