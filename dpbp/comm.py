@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 import threading
 import time
 
@@ -205,7 +206,7 @@ class MPIComm:
             array.fill(0)
         if self._nap and self._pipes is None and self.local_size > 1:
             with self._collective():
-                self._pipes = _PipeBarrier(self._node)
+                self._pipes = _PipeBarrier.create(self._node)  # None: polling with naps instead
         self.node_barrier()
         return array
 
@@ -297,23 +298,48 @@ class _PipeBarrier:
     disk, even when the job is killed.
     """
 
-    def __init__(self, node):
-        import tempfile
-
+    def __init__(self, node, folder: str):
+        """Open the FIFOs in ``folder`` (every rank has made its own); raises OSError on failure."""
         self.size, rank = node.Get_size(), node.Get_rank()
-        folder = node.bcast(tempfile.mkdtemp(prefix="dpbp-barrier-") if rank == 0 else None, root=0)
-        path = os.path.join(folder, str(rank))
-        os.mkfifo(path, 0o600)
-        self.own = os.open(path, os.O_RDWR)  # O_RDWR: Linux opens a FIFO without waiting for a writer
-        node.Barrier()
+        self.leader = rank == 0
+        self.own = os.open(os.path.join(folder, str(rank)), os.O_RDWR)  # O_RDWR: opens without a writer
         others = range(1, self.size) if rank == 0 else [0]
         self.peers = [os.open(os.path.join(folder, str(r)), os.O_RDWR) for r in others]
-        node.Barrier()
-        os.unlink(path)
+
+    @classmethod
+    def create(cls, node) -> _PipeBarrier | None:
+        """Collective over ``node``: the barrier, or None on every rank if any rank could not set it up."""
+        rank, barrier, folder = node.Get_rank(), None, None
+        if rank == 0:
+            try:
+                folder = tempfile.mkdtemp(prefix="dpbp-barrier-")
+            except OSError:
+                folder = None
+        folder = node.bcast(folder, root=0)
+        if folder is None:
+            return None
+        try:
+            os.mkfifo(os.path.join(folder, str(rank)), 0o600)
+            made = True
+        except OSError:
+            made = False
+        node.Barrier()  # every FIFO exists before anyone opens another rank's
+        if made:
+            try:
+                barrier = cls(node, folder)
+            except OSError:
+                barrier = None
+        ok = all(node.allgather(barrier is not None))
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, str(rank)))  # open descriptors keep the FIFOs alive
         node.Barrier()
         if rank == 0:
-            os.rmdir(folder)
-        self.leader = rank == 0
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        if not ok and barrier is not None:
+            for fd in (barrier.own, *barrier.peers):
+                os.close(fd)
+        return barrier if ok else None
 
     def wait(self) -> None:
         if self.leader:

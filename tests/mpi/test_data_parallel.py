@@ -255,7 +255,8 @@ def test_node_barrier_orders_shared_writes(kind):
     world = MPIComm()
     counters = world.node_shared_array(world.size, np.int64)
     if kind == "pipes":  # the barrier dpbp uses when ranks outnumber cores, forced here
-        world._pipes = _PipeBarrier(world._node)
+        world._pipes = _PipeBarrier.create(world._node)
+        assert world._pipes is not None
     for round_ in range(1, 201):
         if world.rank == round_ % world.size:
             time.sleep(0.001)  # a late rank each round
@@ -265,3 +266,17 @@ def test_node_barrier_orders_shared_writes(kind):
         world.node_barrier()  # nobody writes the next round before all have checked this one
     oversubscribed = world.local_size > (os.cpu_count() or 1)
     assert (world._pipes is not None) == (kind == "pipes" or oversubscribed)
+
+
+def test_pipe_barrier_set_up_failing_on_one_rank_gives_none_everywhere(monkeypatch):
+    from dpbp.comm import _PipeBarrier
+
+    world = MPIComm()
+    if world.rank == world.size - 1:
+
+        def no_fifo(*args, **kwargs):
+            raise PermissionError("no FIFOs here")
+
+        monkeypatch.setattr("os.mkfifo", no_fifo)
+    assert _PipeBarrier.create(world._node) is None  # every rank, no hang: the node barrier polls instead
+    world.node_barrier()
