@@ -250,7 +250,8 @@ class TrainConfig:
     check_sync_every: int = field(
         default=100,
         metadata=_meta(
-            "compare a parameter checksum across ranks every K steps; 0 disables", min=0
+            "compare a parameter checksum across ranks every K steps (not needed, so skipped, "
+            "with node_shared: one copy); 0 disables", min=0
         ),
     )
     collective_timeout: float = field(

@@ -669,7 +669,8 @@ class Trainer:
                 st.global_step += 1
                 st.step_in_epoch += 1
                 epoch_samples += int(count)
-                if t.check_sync_every and st.global_step % t.check_sync_every == 0:
+                # DP: node-shared ranks read one copy of the weights: nothing can drift apart
+                if t.check_sync_every and self.node is None and st.global_step % t.check_sync_every == 0:
                     check_in_sync(self.comm, self.model.params, f"at step {st.global_step}")
                 progress.step(st.epoch, st.step_in_epoch, st.global_step, loss_sum / max(count, 1.0),
                               epoch_samples, time.perf_counter() - epoch_start)
