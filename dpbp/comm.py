@@ -218,17 +218,16 @@ class MPIComm:
         """
         for win in self._windows:
             win.Sync()
-        if self._pipes is not None:
-            with self._collective():
-                self._pipes.wait()
-        else:
-            self._barrier(self._node)
+        self._barrier(self._node)
         for win in self._windows:
             win.Sync()
 
     def _barrier(self, comm) -> None:
+        """Barrier over ``comm`` (the node's or the world's ranks); how it waits depends on the load."""
         with self._collective():
-            if self._nap:
+            if self._pipes is not None and (comm is self._node or self.local_size == self.size):
+                self._pipes.wait()  # one node, more ranks than cores: wait asleep in read()
+            elif self._nap:
                 req = comm.Ibarrier()
                 while not req.Test():
                     time.sleep(NAP_SECONDS)
@@ -269,11 +268,7 @@ class MPIComm:
         return bool(self._flag[0])
 
     def barrier(self) -> None:
-        if self._pipes is not None and self.local_size == self.size:  # one node, more ranks than cores
-            with self._collective():
-                self._pipes.wait()
-        else:
-            self._barrier(self.comm)
+        self._barrier(self.comm)
 
     def abort(self, code: int = 1) -> None:
         """End every rank of the job. The pause lets the launcher forward this rank's last
