@@ -473,11 +473,7 @@ class Trainer:
         if self.node is not None:
             return self._step_node_shared(xs, ys)
         tail = self.reduce_buf[n_params:]
-
-        def fill_tail(stats) -> None:
-            tail[0], tail[1], tail[2] = stats.loss_sum, stats.n, stats.n_correct
-            tail[3] = 1.0 if self.stop_requested() else 0.0  # DP: the stop vote rides in the same reduction
-
+        fill_tail = functools.partial(self._fill_tail, tail)
         if self.buckets:
             requests = []
 
@@ -513,6 +509,12 @@ class Trainer:
             self._nonfinite(loss_sum)  # on_nonfinite = "stop": raises TrainingError naming the layer
         return loss_sum, correct, count
 
+    def _fill_tail(self, tail: np.ndarray, stats) -> np.ndarray:
+        """Write this rank's loss sum, row count, correct count and stop vote into ``tail[:4]``; return it."""
+        tail[0], tail[1], tail[2] = stats.loss_sum, stats.n, stats.n_correct
+        tail[3] = 1.0 if self.stop_requested() else 0.0  # DP: the stop vote rides in the same reduction
+        return tail
+
     def _step_sharded(self, xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float]:
         """The step with a sharded optimizer: reduce-scatter, update my span, all-gather parameters.
 
@@ -527,9 +529,7 @@ class Trainer:
         comm.reduce_scatter_(self.grad, sh.grad, sh.counts)  # DP: my span of the global gradient sum
         # DP: one small Allreduce: loss sum, rows, correct, stop votes, per-layer squared norms
         # (their sum is NaN/Inf when any gradient entry is, which every rank must learn).
-        tail = sh.tail
-        tail[0], tail[1], tail[2] = stats.loss_sum, stats.n, stats.n_correct
-        tail[3] = 1.0 if self.stop_requested() else 0.0
+        tail = self._fill_tail(sh.tail, stats)
         for layer, (a, b) in enumerate(sh.layer_parts):
             part = sh.grad[a:b]
             tail[4 + layer] = np.vdot(part, part) if b > a else 0.0
@@ -562,9 +562,7 @@ class Trainer:
         """
         comm, model, node, n_params = self.comm, self.model, self.node, self.model.n_params
         stats = model.loss_and_grad_sum(xs, ys, self.grad, check=False)
-        tail = self.reduce_buf[n_params:]
-        tail[0], tail[1], tail[2] = stats.loss_sum, stats.n, stats.n_correct
-        tail[3] = 1.0 if self.stop_requested() else 0.0
+        self._fill_tail(self.reduce_buf[n_params:], stats)
         comm.node_barrier()  # DP: (1) every rank's sums are in its slot
         loss_sum, count, correct, votes = (float(v) for v in node.slots[:, n_params:].sum(axis=0))
         self.stop_votes = votes
