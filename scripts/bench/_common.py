@@ -74,6 +74,14 @@ def load_dpbp_config(layers, batch, optimizer, threads, n, lr=1e-3, extra: Seque
 SET_HELP = "extra dpbp config override key=value (repeatable), e.g. --set train.overlap_allreduce=true"
 
 
+def add_workload_args(p, *, batch_help: str = "global batch", writes: str = "CSV/PNG") -> None:
+    """The options every benchmark script takes: --model, --batch, --set and --out."""
+    p.add_argument("--model", default=REFERENCE_MODEL, help="layer sizes (default %(default)s)")
+    p.add_argument("--batch", type=int, default=512, help=f"{batch_help} (default %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument("--out", default=None, help=f"folder for {writes} (default scripts/bench/results)")
+
+
 def set_args(values: Sequence[str] | None) -> list[str]:
     """``--set`` values as worker arguments."""
     return [a for v in values or () for a in ("--set", v)]

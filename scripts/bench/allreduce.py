@@ -23,8 +23,7 @@ import time
 
 import numpy as np
 from _common import (
-    REFERENCE_MODEL,
-    SET_HELP,
+    add_workload_args,
     blas_arch,
     cores,
     default_rows,
@@ -139,13 +138,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description="dpbp gradient Allreduce vs raw mpi4py Allreduce")
     p.add_argument("--ranks", type=int, default=2, help="ranks when not started by mpirun (default %(default)s)")
     p.add_argument("--launcher", default="mpirun", help="launcher for --ranks (default %(default)s)")
-    p.add_argument("--model", default=REFERENCE_MODEL, help="layer sizes (default %(default)s)")
-    p.add_argument("--batch", type=int, default=512, help="global batch (default %(default)s)")
+    add_workload_args(p, writes="CSV")
     p.add_argument("--optimizer", default="adam", help="(default %(default)s)")
     p.add_argument("--repeats", type=int, default=60, help="timed steps, >= 50 (default %(default)s)")
     p.add_argument("--warmup", type=int, default=5, help="(default %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
-    p.add_argument("--out", default=None, help="folder for CSV (default scripts/bench/results)")
     args = p.parse_args()
     if args.repeats < 50:
         p.error("--repeats must be >= 50")

@@ -30,8 +30,7 @@ import tempfile
 
 import numpy as np
 from _common import (
-    REFERENCE_MODEL,
-    SET_HELP,
+    add_workload_args,
     blas_arch,
     cores,
     default_rows,
@@ -110,16 +109,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description="peak RSS per rank vs accounted arrays")
     p.add_argument("--ranks", type=int, default=2, help="ranks when not started by mpirun (default %(default)s)")
     p.add_argument("--launcher", default="mpirun", help="launcher for --ranks (default %(default)s)")
-    p.add_argument("--model", default=REFERENCE_MODEL, help="layer sizes (default %(default)s)")
-    p.add_argument("--batch", type=int, default=512, help="global batch (default %(default)s)")
+    add_workload_args(p, writes="CSV")
     p.add_argument("--optimizer", default="adam", help="(default %(default)s)")
     p.add_argument("--rows", type=int, default=0, help="synthetic training rows (default: 40 batches, >= 20480)")
     p.add_argument("--source", default="builtin", choices=("builtin", "npz"),
                    help="builtin: dpbp's highdim generator (float32, in row blocks); npz: the same set "
                         "saved first as a float32 .npz, loaded by dpbp's file loader (default %(default)s)")
     p.add_argument("--steps", type=int, default=30, help="training steps before measuring (default %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
-    p.add_argument("--out", default=None, help="folder for CSV (default scripts/bench/results)")
     args = p.parse_args()
     if not under_mpi_launcher():
         relaunch_under_mpi(args.ranks, args.launcher)

@@ -19,8 +19,7 @@ from __future__ import annotations
 import argparse
 
 from _common import (
-    REFERENCE_MODEL,
-    SET_HELP,
+    add_workload_args,
     blas_arch,
     cores,
     header,
@@ -42,8 +41,7 @@ def main() -> None:
     p.add_argument("--ranks", default="1,2,4,8", help="rank counts K (default %(default)s)")
     p.add_argument("--launcher", default="mpirun", help="MPI launcher and its flags; '-n K' is appended "
                    "(default %(default)s)")
-    p.add_argument("--model", default=REFERENCE_MODEL, help="layer sizes (default %(default)s)")
-    p.add_argument("--batch", type=int, default=512, help="strong scaling global batch (default %(default)s)")
+    add_workload_args(p, batch_help="strong scaling global batch")
     p.add_argument("--weak-batch", type=int, default=256, help="weak scaling: global batch per rank "
                    "(default %(default)s)")
     p.add_argument("--modes", default="strong,weak", help="(default %(default)s)")
@@ -52,8 +50,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per launch (default %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="(default %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="launches per point (default %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
-    p.add_argument("--out", default=None, help="folder for CSV/PNG (default scripts/bench/results)")
     args = p.parse_args()
     parse_model(args.model)
     ranks = parse_ints(args.ranks, "--ranks")

@@ -27,8 +27,7 @@ import time
 
 import numpy as np
 from _common import (
-    REFERENCE_MODEL,
-    SET_HELP,
+    add_workload_args,
     blas_arch,
     blas_entries,
     default_rows,
@@ -246,15 +245,12 @@ def time_interleaved(fns: dict, rounds: int, warmup: int, before: dict | None = 
 
 def main() -> None:
     p = argparse.ArgumentParser(description="dpbp step vs matmul floor vs plain NumPy (one rank)")
-    p.add_argument("--model", default=REFERENCE_MODEL, help="layer sizes (default %(default)s)")
-    p.add_argument("--batch", type=int, default=512, help="global batch (default %(default)s)")
+    add_workload_args(p)
     p.add_argument("--threads", default="1,2", help="BLAS thread counts to run (default %(default)s)")
     p.add_argument("--optimizers", default="adam,sgd", help="dpbp optimizers (default %(default)s)")
     p.add_argument("--steps", type=int, default=30, help="timed rounds, >= 20 (default %(default)s)")
     p.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default %(default)s)")
     p.add_argument("--profile", action="store_true", help="also break dpbp's step into its pieces")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
-    p.add_argument("--out", default=None, help="folder for CSV/PNG (default scripts/bench/results)")
     args = p.parse_args()
     if args.steps < 20:
         p.error("--steps must be >= 20")

@@ -27,8 +27,7 @@ import sys
 
 from _common import (
     HERE,
-    REFERENCE_MODEL,
-    SET_HELP,
+    add_workload_args,
     blas_arch,
     cores,
     header,
@@ -56,8 +55,7 @@ def run_torch(ranks: int, threads: int, common: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description="dpbp vs PyTorch (CPU) samples/s")
-    p.add_argument("--model", default=REFERENCE_MODEL, help="layer sizes (default %(default)s)")
-    p.add_argument("--batch", type=int, default=512, help="global batch (default %(default)s)")
+    add_workload_args(p)
     p.add_argument("--optimizers", default="sgd,adam", help="(default %(default)s)")
     p.add_argument("--ranks", type=int, default=2, help="K for the multi-rank runs (default %(default)s)")
     p.add_argument("--cores", type=int, default=0, help="cores to use (default: this machine's)")
@@ -65,8 +63,6 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="(default %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="runs of each configuration (default %(default)s)")
     p.add_argument("--launcher", default="mpirun", help="MPI launcher; '-n K' is appended (default %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
-    p.add_argument("--out", default=None, help="folder for CSV/PNG (default scripts/bench/results)")
     args = p.parse_args()
     if args.steps < 20:
         p.error("--steps must be >= 20")
