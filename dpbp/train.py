@@ -302,9 +302,10 @@ def _use_node_shared(cfg: Config, comm, window_bytes: int = 0) -> bool:
 
     Measured on 2 cores (scripts/bench): 2 ranks train 3-17 % faster than with one
     Allreduce per step plus an update repeated on every rank (more with Adam than SGD),
-    and 8 ranks (more ranks than cores) about 1.5x as fast. It needs every rank on one node, and room for the
-    window in /dev/shm (Docker gives 64 MiB unless ``--shm-size`` says more): touching
-    a window larger than that would crash the job, so ``auto`` then keeps the Allreduce.
+    and 8 ranks (more ranks than cores) about 1.5x as fast. It needs every rank on one
+    node, and room for the window in /dev/shm (Docker gives 64 MiB unless ``--shm-size``
+    says more): touching a window larger than that would crash the job, so ``auto``
+    then keeps the Allreduce.
     """
     t = cfg.train
     if comm.size == 1 or t.node_shared == "off":
@@ -425,17 +426,17 @@ class Trainer:
         self._last_saved_step = -1
         self.stop_votes = 0.0
         self.diag_every = max(1, self.steps_per_epoch // 10)  # gradient norms ~10 times an epoch
-        # DP: one contiguous buffer = gradient sum | loss sum | row count | correct count | stop votes.
-        self.reduce_buf = np.zeros(self.model.n_params + 4, self.model.dtype)
-        self.grad = self.reduce_buf[: self.model.n_params]
         self.node = None
         window_bytes = _NodeShared.window_elements(self.model, self.optimizer, comm.size) * self.model.dtype.itemsize
         use_node = all_or_nothing(comm, lambda: _use_node_shared(cfg, comm, window_bytes),
                                   "choosing the gradient exchange")
         if comm.size > 1 and not comm.any(not use_node):  # DP: shared only if every rank agrees
             self.node = _NodeShared(self.model, self.optimizer, comm)
-            self.reduce_buf = self.node.slots[comm.rank]  # DP: my gradient sum goes straight into my slot
-            self.grad = self.reduce_buf[: self.model.n_params]
+        # DP: one contiguous buffer = gradient sum | loss sum | row count | correct count | stop votes;
+        # node-shared: my slot of the window, so my gradient sum goes straight where the others read it.
+        self.reduce_buf = (self.node.slots[comm.rank] if self.node is not None
+                           else np.zeros(self.model.n_params + 4, self.model.dtype))
+        self.grad = self.reduce_buf[: self.model.n_params]
         self.shard = (_Shard(self.model, comm, self.model.dtype)
                       if self.node is None and _use_sharding(cfg, comm) else None)
         self.buckets = (self._plan_buckets()
