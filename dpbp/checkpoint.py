@@ -182,27 +182,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
 
 
 def periodic_checkpoints(folder: str | os.PathLike) -> list[Path]:
-    """The step-N checkpoints in ``folder``, oldest first (by step in the name)."""
+    """The step-N checkpoint files in ``folder``, sorted by name (a listing; which checkpoints belong to
+    a run's lineage is recorded in the files, see ``dpbp.rundir``)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.glob("step-*.npz") if p.stem[5:].isdigit())
-
-
-def latest_checkpoint(folder: str | os.PathLike) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint in ``folder`` that loads and verifies, and why newer ones were skipped."""
-    skipped = []
-    for path in reversed(periodic_checkpoints(folder)):
-        try:
-            load_checkpoint(path)
-        except CheckpointError as exc:
-            skipped.append(str(exc))
-            continue
-        return path, skipped
-    return None, skipped
-
-
-def prune_checkpoints(folder: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest ``keep`` periodic checkpoints (best.npz is never touched)."""
-    for path in periodic_checkpoints(folder)[:-keep] if keep > 0 else []:
-        path.unlink(missing_ok=True)

@@ -138,25 +138,6 @@ def _load_config(comm, config_file, overrides, base=None):
     return cfg
 
 
-def _find_checkpoint(comm, resume: str, run_dir: Path, echo):
-    """The checkpoint to resume from: ``resume`` itself, or the newest valid one for ``auto``."""
-    from dpbp import checkpoint as ckpt
-    from dpbp.train import all_or_nothing
-
-    if resume != "auto":
-        return Path(resume)
-    folder = run_dir / ckpt.CHECKPOINT_DIR
-    # DP: rank 0 picks, everyone follows (ranks must not pick different files).
-    found = all_or_nothing(comm, lambda: ckpt.latest_checkpoint(folder) if comm.is_root else None,
-                           f"looking for checkpoints in {folder}")
-    path, skipped = comm.bcast_obj(found)
-    for reason in skipped:
-        echo(f"warning: skipping invalid checkpoint: {reason}")
-    if path is None:
-        echo(f"no checkpoint in {folder}: starting a new run")
-    return path
-
-
 config_option = click.option("--config", "-c", "config_file", type=click.Path(dir_okay=False),
                              help="TOML config file (start from `dpbp config show > run.toml`).")
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -170,12 +151,14 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 @click.option("--batch-size", type=int, help="GLOBAL batch size across all ranks (train.batch_size), e.g. 256.")
 @click.option("--lr", type=float, help="Learning rate eta (train.lr), e.g. --lr 0.01.")
 @click.option("--seed", type=int, help="Seed for init, split and shuffle (train.seed), e.g. --seed 1.")
-@click.option("--run-dir", help="Where config.toml, metrics.jsonl and model.npz go (run.dir), e.g. runs/a.")
+@click.option("--run-dir", help="The run's directory (run.dir), e.g. runs/a; one run per directory. Default: a new "
+                                "runs/run-NNN (when resuming from a checkpoint file: that checkpoint's own).")
 @click.option("--resume", metavar="PATH|auto",
-              help="Continue from a checkpoint file, or 'auto': the newest valid one in the run directory "
-                   "(a new run if there is none), e.g. --resume auto.")
-@collective
-def train(comm, config_file, overrides, epochs, batch_size, lr, seed, run_dir, resume):
+              help="Continue from a checkpoint file (an older one starts a branch), or 'auto': the newest state "
+                   "of the run in --run-dir (a new run if it has none), e.g. --resume auto.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run that --run-dir holds (its outputs are deleted) instead of refusing.")
+def train(config_file, overrides, epochs, batch_size, lr, seed, run_dir, resume, overwrite):
     """Train a model (one process, or every rank under mpirun/srun).
 
     SIGTERM, SIGINT or SIGUSR1 make every rank finish its step, write a checkpoint and exit with
@@ -183,34 +166,48 @@ def train(comm, config_file, overrides, epochs, batch_size, lr, seed, run_dir, r
     """
     from dpbp.signals import StopRequest
 
-    stop = StopRequest().install()  # first thing: a signal during set-up still stops cleanly
+    stop = StopRequest().install()  # before MPI starts: a signal at any moment of set-up exits 75
     try:
-        _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run_dir, resume)
+        _train(stop, config_file, overrides, epochs, batch_size, lr, seed, run_dir, resume, overwrite)
     finally:
         stop.uninstall()  # leave the caller's handlers as they were (library and test callers)
 
 
-def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run_dir, resume):
-    from dpbp import checkpoint as ckpt
-    from dpbp.config import from_dict
-    from dpbp.train import Trainer, all_or_nothing, write_resolved_config
+@collective
+def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run_dir, resume, overwrite):
+    from dpbp import config as config_mod
+    from dpbp import rundir
+    from dpbp.train import Trainer
 
     echo = _echo(comm)
+    if resume and overwrite:
+        raise click.UsageError("--overwrite starts a new run; it cannot be combined with --resume")
     overrides = _option_overrides(overrides, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                                   run_dir=run_dir)
     cfg = _load_config(comm, config_file, overrides)
-    checkpoint = _find_checkpoint(comm, resume, Path(cfg.run.dir), echo) if resume else None
-    if checkpoint is not None:
+    given = Path(cfg.run.dir) if cfg.run.dir else None
+    _stop_before_training(comm, stop)
+    point, home, meta, notes = _resume_point(comm, resume, given) if resume else (None, given, None, [])
+    if meta is not None:
         # The checkpoint's config is the base; the file and options given now apply on top of it.
-        meta = all_or_nothing(comm, lambda: ckpt.load_checkpoint(checkpoint)[1], f"reading {checkpoint}")
-        base = all_or_nothing(comm, lambda: from_dict(meta["config"]), f"the config saved in {checkpoint}")
+        base = _agreed(comm, lambda: config_mod.from_dict(meta["config"]), f"the config saved in {point.path}")
         cfg = _load_config(comm, config_file, overrides, base=base)
-    path = Path(cfg.run.dir)
-    all_or_nothing(comm, lambda: write_resolved_config(cfg, path, fresh=checkpoint is None) if comm.is_root
-                   else None, f"creating the run directory {path}")
-    trainer = Trainer(cfg, comm, path, echo=echo, stop_requested=lambda: stop.requested)
+    restart = resume == "auto" and point is None
+    folder = home if home is not None else rundir.RUNS_ROOT
+    # Refuse early, before loading data; claiming the directory checks again, under its lock.
+    _agreed(comm, lambda: _refuse(rundir.refusal(folder, point, overwrite, restart)) if home is not None and
+            comm.is_root else None, f"checking the run directory {folder}")
+    for line in notes:
+        echo(line)
+    cfg = config_mod.replace(cfg, **{"run.dir": str(folder)})
+    trainer = Trainer(cfg, comm, folder, echo=echo, stop_requested=lambda: stop.requested)
     trainer.stop_reason = lambda: stop.name or "a stop signal on another rank"
-    d, m = trainer.data, cfg.model
+    if point is not None:
+        trainer.restore(point.path)
+    _stop_before_training(comm, stop)
+    messages = trainer.claim_run_dir(command=["dpbp", *sys.argv[1:]], overwrite=overwrite, restart=restart,
+                                     numbered=home is None)
+    path, d, m = trainer.run_dir, trainer.data, cfg.model
     echo(f"dpbp {__version__}: {m.layers} {m.activation}/{m.output}/{m.loss} {m.dtype} on {cfg.data.train!r} "
          f"({d.train.n_samples} train, {d.val.n_samples if d.val else 0} val"
          f"{f', {d.test.n_samples} test' if d.test else ''})")
@@ -219,10 +216,11 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
          f"{trainer.steps_per_epoch} steps/epoch, {cfg.train.optimizer} lr {cfg.train.lr:g}, run dir {path}")
     if comm.size > 1:
         echo(f"  gradients: {trainer.exchange}")
-    if checkpoint is not None:
-        trainer.restore(checkpoint)
+    for line in messages:
+        echo(f"  {line}")
+    if point is not None:
         st = trainer.state
-        echo(f"  resumed from {checkpoint}: epoch {st.epoch + 1}, step {st.step_in_epoch}/{trainer.steps_per_epoch} "
+        echo(f"  resumed from {point.path}: epoch {st.epoch + 1}, step {st.step_in_epoch}/{trainer.steps_per_epoch} "
              f"(global step {st.global_step})")
     result = trainer.run()
     f = result.final
@@ -233,6 +231,77 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
     if result.stopped == "early_stopping":
         parts.append("stopped early")
     echo("done: " + " | ".join(parts) + f" | model: {path / 'model.npz'}")
+
+
+def _agreed(comm, fn, what: str):
+    from dpbp.train import all_or_nothing
+
+    return all_or_nothing(comm, fn, what)
+
+
+def _refuse(reason: str | None) -> None:
+    from dpbp.rundir import RunDirError
+
+    if reason is not None:
+        raise RunDirError(reason)
+
+
+def _stop_before_training(comm, stop) -> None:
+    """End every rank with exit 75 when a stop signal reached any rank during set-up (nothing written yet)."""
+    from dpbp.train import Preempted
+
+    if comm.any(stop.requested):
+        raise Preempted(f"stopped by {stop.name or 'a stop signal on another rank'} before training started; "
+                        "nothing was written; run the same command again to start")
+
+
+def _resume_point(comm, resume: str, given: Path | None):
+    """(checkpoint to continue or None, the run directory, its metadata or None, notes for the user),
+    agreed by every rank.
+
+    ``auto``: the newest verified state of the run in ``given`` (None when it has none). A file:
+    its run directory is ``given``, or else the one that recorded it.
+    """
+    from dpbp import checkpoint as ckpt
+    from dpbp import rundir
+    from dpbp.errors import CheckpointError
+
+    def find():
+        if not comm.is_root:  # DP: rank 0 picks, everyone follows (ranks must not pick different files)
+            return None
+        if given is not None and given.is_dir():
+            _refuse(rundir.symlink_problem(given))
+        if resume == "auto":
+            if given is None:
+                raise rundir.RunDirError("--resume auto continues the run in --run-dir; give it, e.g. --resume auto "
+                                         f"--run-dir {rundir.next_numbered_dir().parent}/run-001")
+            path, skipped = rundir.find_latest(given, ckpt.load_checkpoint)
+            home = given
+        else:
+            path, skipped = Path(resume), []
+            home = given
+        if path is None:
+            return None, home, None, skipped
+        meta = ckpt.load_checkpoint(path)[1]
+        try:
+            run = rundir.peek_checkpoint_run(path)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: malformed lineage ({exc})") from None
+        if home is None:
+            home = rundir.home_of_checkpoint(path, run)
+            if home is None:
+                raise rundir.RunDirError(
+                    f"{path} is not inside the run directory that wrote it"
+                    f"{' (it has no recorded run: an older dpbp)' if run is None else ''}; give --run-dir: a new "
+                    "or empty directory starts a new run from this checkpoint")
+        return rundir.Resume(path, run), home, meta, skipped
+
+    found = _agreed(comm, find, f"looking for the checkpoint to resume ({resume})")
+    point, home, meta, skipped = comm.bcast_obj(found)
+    notes = [f"warning: skipping checkpoint: {reason}" for reason in skipped]
+    if point is None:
+        notes.append(f"no checkpoint in {home}: starting the run from the beginning")
+    return point, home, meta, notes
 
 
 # ----------------------------------------------------------------------------- evaluate / predict

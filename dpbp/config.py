@@ -325,7 +325,14 @@ class CheckpointConfig:
         default=3, metadata=_meta("keep the newest K periodic checkpoints", min=1)
     )
     keep_best: bool = field(
-        default=True, metadata=_meta("also keep the checkpoint with the best val loss")
+        default=True, metadata=_meta("also keep the checkpoint with the best val loss (best.npz)")
+    )
+    restore_best: bool = field(
+        default=False,
+        metadata=_meta(
+            "make the final model.npz the best-validation model instead of the last one (Keras' "
+            "restore_best_weights); needs keep_best"
+        ),
     )
 
 
@@ -334,10 +341,10 @@ class RunConfig:
     """``[run]``: where a run's outputs go."""
 
     dir: str = field(
-        default="runs/dpbp",
+        default="",
         metadata=_meta(
-            "run directory (config.toml, metrics.jsonl, model.npz, checkpoints/)",
-            nonempty=True,
+            "run directory (run.json, config.toml, metrics.jsonl, model.npz, checkpoints/), owned by one "
+            "run; empty: a new numbered directory runs/run-NNN (when resuming: the checkpoint's own)",
         ),
     )
 
@@ -407,6 +414,12 @@ def _check_node_shared(cfg: Config) -> str | None:
     return f"'on' replaces the MPI gradient exchange, so it cannot be combined with {other}; pick one"
 
 
+def _check_restore_best(cfg: Config) -> str | None:
+    if not cfg.checkpoint.restore_best or cfg.checkpoint.keep_best:
+        return None
+    return "true needs checkpoint.keep_best = true (the best model is read back from best.npz)"
+
+
 _CROSS_CHECKS: tuple[tuple[str, str, Callable[[Config], str | None]], ...] = (
     (
         "model.loss",
@@ -426,6 +439,11 @@ _CROSS_CHECKS: tuple[tuple[str, str, Callable[[Config], str | None]], ...] = (
         "train.node_shared",
         "`on` cannot be combined with `shard_optimizer = on` or `overlap_allreduce = true`",
         _check_node_shared,
+    ),
+    (
+        "checkpoint.restore_best",
+        "`true` needs `checkpoint.keep_best = true`",
+        _check_restore_best,
     ),
 )
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import numpy as np
 from dpbp import checkpoint as ckpt
 from dpbp import config as config_mod
 from dpbp import data as data_mod
+from dpbp import rundir as rundir_mod
 from dpbp.checkpoint import save_model
 from dpbp.config import Config
 from dpbp.errors import CheckpointError, ConfigError, DpbpError, SaveError
@@ -104,6 +106,43 @@ def check_in_sync(comm, params: np.ndarray, when: str) -> None:
             f"ranks out of sync {when}: parameters on rank(s) {differ} differ from rank 0; "
             "check that every rank runs the same dpbp, numpy and config"
         )
+
+
+def dataset_digest(ds: data_mod.Dataset | None) -> dict | None:
+    """Shape and sha256 (32 hex digits) of a data set's arrays as loaded; None for no data set."""
+    if ds is None:
+        return None
+    h = hashlib.sha256()
+    for a in (ds.x, ds.y):
+        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))  # the bytes themselves: no copy
+    return {"rows": ds.n_samples, "shape": [list(ds.x.shape), list(ds.y.shape)], "sha256": h.hexdigest()[:32]}
+
+
+def check_data_agrees(comm, data: PreparedData) -> dict[str, dict | None]:
+    """Every rank must train on the same data: compare each rank's digests with rank 0's (collective).
+
+    Ranks that read node-local copies of a file that differ would otherwise train silently as
+    one (same length) or wait for each other forever (different lengths). Raises AgreedError
+    (exit 2) naming the ranks and what differs; returns this rank's digests.
+    """
+    mine = {role: dataset_digest(ds) for role, ds in (("train", data.train), ("validation", data.val),
+                                                        ("test", data.test))}
+    everyone = comm.allgather_obj(mine)
+    for role, ref in everyone[0].items():
+        differ = [r for r, d in enumerate(everyone) if d[role] != ref]
+        if not differ:
+            continue
+        other = everyone[differ[0]][role]
+        if ref is None or other is None or other["shape"] != ref["shape"]:
+            def size(d):
+                return "none" if d is None else f"{d['rows']} rows, arrays {d['shape'][0]} and {d['shape'][1]}"
+
+            what = f"rank {differ[0]} has {size(other)}, rank 0 has {size(ref)}"
+        else:
+            what = f"same {ref['rows']} rows, different content (sha256 {other['sha256'][:12]} vs {ref['sha256'][:12]})"
+        raise AgreedError(f"ranks do not have the same {role} data: rank(s) {differ} differ from rank 0 ({what}); "
+                          "check that every node reads the same files", 2)
+    return mine
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -414,6 +453,7 @@ class Trainer:
         self.stop_requested = stop_requested or (lambda: False)
         self.stop_reason: Callable[[], str] = lambda: "a stop signal"
         self.data = data if data is not None else all_or_nothing(comm, lambda: prepare_data(cfg), "loading data")
+        self._digests = check_data_agrees(comm, self.data)  # DP: before anything depends on the row counts
         self.model = build_model(cfg)
         check_in_sync(comm, self.model.params, "at start-up")  # DP: same seed must mean same weights
         self.optimizer = build_optimizer(cfg, self.model)
@@ -423,7 +463,12 @@ class Trainer:
         self.schedule = build_schedule(cfg, self.steps_per_epoch)
         self.state = TrainState()
         self.history: list[dict] = []
-        self._last_saved_step = -1
+        self.rundir: rundir_mod.RunDirectory | None = None  # rank 0, once the run directory is claimed
+        self.resumed_from: rundir_mod.Resume | None = None
+        self._parent: dict | None = None  # lineage entry of the checkpoint the next save descends from
+        self._last_saved: tuple[int, Path] | None = None  # (global step, file) of the newest save
+        self._model_lineage: dict = {}  # rank 0: the lineage entry model.npz is made from
+        self._claimed = False
         self.stop_votes = 0.0
         self.diag_every = max(1, self.steps_per_epoch // 10)  # gradient norms ~10 times an epoch
         self.node = None
@@ -646,8 +691,17 @@ class Trainer:
 
         ``on_step_end(trainer)`` runs on every rank after every step; returning True
         stops the run without saving (it must return the same on every rank).
-        Raises Preempted after checkpointing when a stop was requested.
+        Raises Preempted after checkpointing when a stop was requested. A run directory that was not
+        claimed yet is claimed first (``claim_run_dir``); its lock is released when this returns.
         """
+        if self.run_dir is not None and not self._claimed:
+            self.claim_run_dir()
+        try:
+            return self._run(on_step_end)
+        finally:
+            self.release_run_dir()
+
+    def _run(self, on_step_end: Callable[[Trainer], bool] | None) -> TrainResult:
         cfg, st = self.cfg, self.state
         t, ck = cfg.train, cfg.checkpoint
         n = self.data.train.n_samples
@@ -691,9 +745,10 @@ class Trainer:
                 self.save_checkpoint()
             if self.stop_votes > 0:
                 self._preempt(progress)
-        result = self._finish(st.stopped or "epochs", run_start)
         self.save_checkpoint()  # a finished run resumes as a no-op (requeue-safe)
-        return result
+        if ck.restore_best:
+            self._restore_best()
+        return self._finish(st.stopped or "epochs", run_start)
 
     def _preempt(self, progress: Progress) -> None:
         path = self.save_checkpoint()
@@ -756,10 +811,51 @@ class Trainer:
         if self.run_dir is not None and stopped != "interrupted":
             norm = self.data.normalizer
             shift, scale = (norm.shift, norm.scale) if norm.kind != "none" else (None, None)
+            # DP: the lineage entry of the state this model was made from (a branch moves it aside)
+            extra = {"normalize": norm.kind, "final": final, "run": self._model_lineage}
             all_or_nothing(self.comm, lambda: save_model(
-                self.run_dir / "model.npz", self.model, shift, scale, extra={"normalize": norm.kind, "final": final},
+                self.run_dir / rundir_mod.MODEL_FILE, self.model, shift, scale, extra=extra,
             ) if self.comm.is_root else None, "saving the model")
         return TrainResult(self.model, self.history, final, stopped, self.state)
+
+    def _restore_best(self) -> None:
+        """``checkpoint.restore_best``: put the best-validation parameters back before the final model is saved.
+
+        Rank 0 reads ``best.npz`` of this run's lineage and every rank receives its parameters
+        (collective). Without a best checkpoint (no validation data, no improvement) the last
+        parameters stay and rank 0 says so.
+        """
+        if self.checkpoint_dir is None:
+            return
+
+        def read():
+            if not self.comm.is_root:
+                return None
+            best = [e for e in self.rundir.entries if e.best]
+            if not best:
+                return None
+            arrays, meta = ckpt.load_checkpoint(best[0].path)
+            st = meta["state"]  # saved at the end of the best epoch: ``epoch`` counts it as done
+            return arrays["params"], {**meta["run"], "epoch": st["epoch"], "val_loss": st["best_val_loss"]}
+
+        found = all_or_nothing(self.comm, read, "reading the best checkpoint")
+        info = self.comm.bcast_obj(found[1] if found is not None else None)
+        if info is None:
+            self.echo("warning: checkpoint.restore_best: no best checkpoint in this run; the final model is "
+                      "the last one")
+            return
+        params = found[0] if self.comm.is_root else np.empty_like(self.model.params)
+        self.comm.bcast_(params)  # DP: every rank continues with rank 0's best parameters
+        self._set_params(params)
+        self._model_lineage = {**self._model_lineage, "restored_best": info["seq"]}
+        self.echo(f"restored the best model: epoch {info['epoch']}, val loss {info['val_loss']:.4f} "
+                  "(checkpoint.restore_best)")
+
+    def _set_params(self, params: np.ndarray) -> None:
+        """Every rank: the parameters become ``params`` (node-shared: one rank per node writes them)."""
+        if self.node is None or self.comm.local_rank == 0:
+            self.model.params[...] = params
+        self.comm.node_barrier()
 
     # -------------------------------------------------------------- checkpoints
 
@@ -785,16 +881,18 @@ class Trainer:
         }
         return arrays, meta
 
-    @functools.cached_property
+    @property
     def data_digest(self) -> str:
         """sha256 of the (normalised) training arrays: a resume must see the same data."""
-        h = hashlib.sha256()
-        for a in (self.data.train.x, self.data.train.y):
-            h.update(np.ascontiguousarray(a).tobytes())
-        return h.hexdigest()[:32]
+        return self._digests["train"]["sha256"]
 
     def save_checkpoint(self, best: bool = False) -> Path | None:
-        """Rank 0 writes a checkpoint (collective: call on every rank). Returns its path."""
+        """Rank 0 writes a checkpoint (collective: call on every rank). Returns its path, which exists.
+
+        It records its lineage (run id, save number ``seq``, parent); periodic checkpoints beyond
+        ``checkpoint.keep`` are pruned by ``seq`` within the lineage. A periodic save at the step of
+        the newest save (for example right after resuming) writes nothing and returns that file.
+        """
         folder = self.checkpoint_dir
         if folder is None:
             return None
@@ -803,9 +901,8 @@ class Trainer:
             path = folder / ckpt.BEST_NAME
         else:
             path = folder / ckpt.checkpoint_name(st.global_step)
-            if self._last_saved_step == st.global_step:
-                return path
-            self._last_saved_step = st.global_step
+            if self._last_saved is not None and self._last_saved[0] == st.global_step:
+                return self._last_saved[1]
         if self.shard is not None:  # DP: each rank's optimizer state is current on its span only
             for state in self.optimizer.state.values():
                 self.comm.allgather_(state, self.shard.counts)
@@ -813,15 +910,30 @@ class Trainer:
 
         def write():
             if self.comm.is_root:
+                seq = self.rundir.reserve_seq()
+                meta["run"] = {"run_id": self.rundir.run_id, "seq": seq, "parent": self._parent}
                 ckpt.save_checkpoint(path, arrays, meta)
+                self.rundir.added(seq, path, st.global_step, best)
                 if not best:
-                    ckpt.prune_checkpoints(folder, self.cfg.checkpoint.keep)
+                    self.rundir.prune(self.cfg.checkpoint.keep)
+                return {"run_id": self.rundir.run_id, "seq": seq}
+            return None
 
-        all_or_nothing(self.comm, write, f"writing checkpoint {path}")  # DP: a full disk ends every rank
+        entry = all_or_nothing(self.comm, write, f"writing checkpoint {path}")  # DP: a full disk ends every rank
+        if self.comm.is_root:
+            self._parent = entry
+            self._model_lineage = {**entry, "step": st.global_step}
+        if not best:
+            self._last_saved = (st.global_step, path)
         return path
 
     def restore(self, path: str | Path) -> None:
-        """Continue from checkpoint ``path`` (collective). Refuses one of another model or data."""
+        """Continue from checkpoint ``path`` (collective). Refuses one of another model or data.
+
+        Reads only: the run directory is written when it is claimed (``claim_run_dir``), which
+        also decides whether this starts a branch of the run's lineage.
+        """
+        path = Path(path)
 
         def load():
             arrays, meta = ckpt.load_checkpoint(path)
@@ -832,12 +944,15 @@ class Trainer:
                 if not (0 <= state.epoch and 0 <= state.step_in_epoch < self.steps_per_epoch
                         and 0 <= state.global_step):
                     raise ValueError(f"position epoch {state.epoch}, step {state.step_in_epoch} is out of range")
+                run = meta.get("run")
+                if run is not None and not (isinstance(run.get("run_id"), str) and isinstance(run.get("seq"), int)):
+                    raise ValueError("malformed lineage entry")
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 # Only a hand-made file gets here: the checksum matched, the content does not make sense.
                 raise CheckpointError(f"{path}: malformed checkpoint metadata ({type(exc).__name__}: {exc})") from None
-            return arrays, state, history
+            return arrays, state, history, run
 
-        arrays, state, history = all_or_nothing(self.comm, load, f"reading checkpoint {path}")
+        arrays, state, history, run = all_or_nothing(self.comm, load, f"reading checkpoint {path}")
         if self.node is None or self.comm.local_rank == 0:  # DP: node-shared arrays: one rank writes them
             self.model.params[...] = arrays["params"]
             prefix = "optim_"
@@ -847,11 +962,66 @@ class Trainer:
         self.comm.node_barrier()
         self.state = state
         self.history = history
-        self._last_saved_step = self.state.global_step
+        self.resumed_from = rundir_mod.Resume(path, {**run, "step": state.global_step} if run else None)
+        self._parent = {"run_id": run["run_id"], "seq": run["seq"]} if run else None
+        self._model_lineage = {**(self._parent or {}), "step": state.global_step}
+        self._last_saved = None
         check_in_sync(self.comm, self.model.params, "after loading the checkpoint")
-        if self.comm.is_root and self.run_dir is not None:  # the log continues from the checkpoint
-            with open(self.run_dir / "metrics.jsonl", "w") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in self.history)
+
+    # -------------------------------------------------------------- the run directory
+
+    def claim_run_dir(self, *, command: list[str] | None = None, overwrite: bool = False, restart: bool = False,
+                      numbered: bool = False) -> list[str]:
+        """Take ``run_dir`` for this run (collective; rank 0 touches the disk, every rank agrees).
+
+        Locks it, refuses a directory that holds another run (``overwrite`` deletes that run's
+        outputs instead), records the run (``run.json``), starts a branch when resuming from an older
+        checkpoint, removes temporary files of interrupted saves and writes the resolved config and
+        the metrics log. ``restart``: the run recorded in ``run_dir`` (which wrote no checkpoint)
+        starts again. ``numbered``: ``run_dir`` is a root in which a new ``run-NNN`` is made.
+        Returns the lines to tell the user. Raises AgreedError (exit 2 for a refusal).
+        """
+        command = command if command is not None else ["python", *sys.argv]
+        resume = self.resumed_from
+
+        def claim():
+            if not self.comm.is_root:
+                return None
+            run = rundir_mod.claim(self.run_dir, command=command, resume=resume, overwrite=overwrite,
+                                   restart=restart, numbered=numbered)
+            try:
+                cfg = config_mod.replace(self.cfg, **{"run.dir": str(run.path)})
+                rundir_mod.write_text_atomic(run.path / rundir_mod.CONFIG_FILE, config_mod.to_toml(cfg))
+                rundir_mod.write_text_atomic(run.path / rundir_mod.METRICS_FILE,
+                                             "".join(json.dumps(r) + "\n" for r in self.history))
+            except OSError as exc:
+                run.release()
+                raise SaveError(f"cannot write to the run directory {run.path}: {exc.strerror or exc}") from None
+            except BaseException:
+                run.release()
+                raise
+            self.rundir = run
+            return str(run.path), run.messages
+
+        claimed = all_or_nothing(self.comm, claim, f"claiming the run directory {self.run_dir}")
+        path, messages = self.comm.bcast_obj(claimed)
+        self.run_dir = Path(path)
+        self.cfg = config_mod.replace(self.cfg, **{"run.dir": path})
+        self._claimed = True
+        if resume is not None:
+            inside = self.comm.bcast_obj(
+                self.comm.is_root and any(e.path.resolve() == resume.path.resolve() and not e.best
+                                          for e in self.rundir.entries))
+            if inside:  # DP: decided on rank 0, followed everywhere
+                self._last_saved = (self.state.global_step, resume.path)
+            else:  # the state resumed from gets a checkpoint of this run: --resume auto finds it
+                self.save_checkpoint()
+        return messages
+
+    def release_run_dir(self) -> None:
+        """Give up the run directory's lock (rank 0); the directory keeps everything written."""
+        if self.rundir is not None:
+            self.rundir.release()
 
     def _check_compatible(self, path, arrays: dict, meta: dict) -> None:
         mine, theirs = self.model.describe(), meta["model"]
@@ -882,20 +1052,3 @@ class Trainer:
 
 def _flatten(d: dict) -> dict:
     return {f"{section}.{key}": value for section, table in d.items() for key, value in table.items()}
-
-
-def write_resolved_config(cfg: Config, run_dir: Path, fresh: bool = True) -> None:
-    """Rank 0: create the run directory and write the resolved config into it (atomically).
-
-    A fresh run also starts a fresh metrics log; a resumed one keeps it.
-    """
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / ".config.toml.tmp"
-        tmp.write_text(config_mod.to_toml(cfg))
-        tmp.replace(run_dir / "config.toml")
-        metrics = run_dir / "metrics.jsonl"
-        if fresh and metrics.exists():
-            metrics.unlink()
-    except OSError as exc:
-        raise SaveError(f"cannot write to the run directory {run_dir}: {exc.strerror or exc}") from None

@@ -10,6 +10,7 @@ import pytest
 from helpers import small_config
 
 from dpbp import checkpoint as ckpt
+from dpbp import rundir
 from dpbp.comm import SerialComm
 from dpbp.errors import CheckpointError, DpbpError
 from dpbp.train import Trainer, TrainingError
@@ -58,12 +59,14 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, dtype, optimizer):
 
 def test_checkpoint_holds_everything_documented(saved_run):
     cfg, run_dir, result = saved_run
-    path, skipped = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    path, skipped = rundir.find_latest(run_dir, ckpt.load_checkpoint)
     assert skipped == [] and path.name == ckpt.checkpoint_name(result.state.global_step)
     arrays, meta = ckpt.load_checkpoint(path)
     for key in ("format", "format_version", "dpbp_version", "config", "model", "state", "optimizer",
-                "schedule", "rng", "history", "world_size", "data_digest"):
+                "schedule", "rng", "history", "world_size", "data_digest", "run"):
         assert key in meta, key
+    record = json.loads((run_dir / "run.json").read_text())
+    assert meta["run"]["run_id"] == record["run_id"] and meta["run"]["seq"] < record["next_seq"]
     assert set(meta["state"]) >= {"epoch", "step_in_epoch", "global_step", "best_val_loss"}
     assert set(arrays) == {"params", "optim_m", "optim_v", "optim_t"}
     with zipfile.ZipFile(path) as zf:
@@ -142,17 +145,19 @@ def test_not_a_checkpoint(tmp_path):
         ckpt.load_checkpoint(tmp_path / "missing.npz")
 
 
-def test_latest_skips_a_corrupt_newest(saved_run, tmp_path):
-    _, run_dir, _ = saved_run
-    folder = tmp_path / "checkpoints"
-    folder.mkdir()
-    paths = ckpt.periodic_checkpoints(run_dir / "checkpoints")
-    (folder / paths[-2].name).write_bytes(paths[-2].read_bytes())
-    (folder / paths[-1].name).write_bytes(paths[-1].read_bytes()[:500])
-    found, skipped = ckpt.latest_checkpoint(folder)
-    assert found == folder / paths[-2].name
-    assert len(skipped) == 1 and paths[-1].name in skipped[0]
-    assert ckpt.latest_checkpoint(tmp_path / "nothing") == (None, [])
+def test_latest_skips_a_corrupt_newest(tmp_path):
+    cfg = small_config("train.epochs=1", "checkpoint.every_steps=5", "checkpoint.keep=100",
+                       "checkpoint.keep_best=false")
+    trainer(cfg, tmp_path).run()
+    paths = ckpt.periodic_checkpoints(tmp_path / "checkpoints")
+    with np.load(paths[-1]) as npz:
+        raw = {name: npz[name] for name in npz.files}
+    raw["params"][0] += 1.0  # the metadata still reads, the checksum fails
+    np.savez(paths[-1], **raw)
+    found, skipped = rundir.find_latest(tmp_path, ckpt.load_checkpoint)
+    assert found == paths[-2]
+    assert len(skipped) == 1 and paths[-1].name in skipped[0] and "checksum" in skipped[0]
+    assert rundir.find_latest(tmp_path / "nothing", ckpt.load_checkpoint) == (None, [])
 
 
 @pytest.mark.parametrize("override,match", [
@@ -179,7 +184,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path)
     with pytest.raises(TrainingError, match=r"step (\d+) \(epoch 1\): loss is nan") as info:
         t.run()
     assert f"step {t.state.global_step + 1} " in str(info.value)
-    newest, skipped = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    newest, skipped = rundir.find_latest(tmp_path, ckpt.load_checkpoint)
     arrays, meta = ckpt.load_checkpoint(newest)
     assert np.all(np.isfinite(arrays["params"])) and skipped == []
     assert meta["state"]["global_step"] == t.state.global_step

@@ -194,3 +194,30 @@ def test_a_rank_that_stops_answering_ends_the_job(tmp_path):
     assert proc.returncode != 0
     assert time.time() - start < 30
     assert "no progress inside MPI for 3 s" in err, err
+
+
+@pytest.mark.parametrize("case", ["content", "rows"])
+def test_ranks_with_different_data_are_refused_naming_them(tmp_path, case):
+    """Node-local copies of a data file that differ: refused at start-up with exit 2, never a hang."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 2)), rng.integers(0, 3, 60)
+    for rank in range(3):
+        folder = tmp_path / f"rank{rank}"
+        folder.mkdir()
+        xr = x.copy()
+        if rank == 2:
+            xr = xr[:-1] if case == "rows" else xr + 1e-9
+        np.savez(folder / "data.npz", x=xr, y=y[: len(xr)])
+    script = tmp_path / "train_here.py"
+    script.write_text(
+        "import os, sys\n"
+        "os.chdir(os.path.join(sys.argv[1], 'rank' + os.environ['PMI_RANK']))  # same config, own file\n"
+        "from dpbp.cli import main\n"
+        "main(['train', '--set', 'data.train=data.npz', '--set', 'model.layers=[2,4,3]', '--epochs', '1',\n"
+        "      '--run-dir', os.path.join(sys.argv[1], 'run')])\n")
+    proc = run([*mpirun(3), sys.executable, str(script), str(tmp_path)], timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "ranks do not have the same train data: rank(s) [2] differ from rank 0" in proc.stderr
+    assert ("different content" if case == "content" else "rank 2 has 53 rows") in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
