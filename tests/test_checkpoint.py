@@ -12,7 +12,7 @@ from helpers import small_config
 from dpbp import checkpoint as ckpt
 from dpbp.comm import SerialComm
 from dpbp.errors import CheckpointError, DpbpError
-from dpbp.train import Trainer, TrainingError
+from dpbp.train import Trainer, TrainingError, prepare_data
 
 TIMING = ("samples_per_s", "seconds")
 
@@ -62,10 +62,16 @@ def test_checkpoint_holds_everything_documented(saved_run):
     assert skipped == [] and path.name == ckpt.checkpoint_name(result.state.global_step)
     arrays, meta = ckpt.load_checkpoint(path)
     for key in ("format", "format_version", "dpbp_version", "config", "model", "state", "optimizer",
-                "schedule", "rng", "history", "world_size", "data_digest"):
+                "schedule", "rng", "history", "world_size", "data_digest", "normalize"):
         assert key in meta, key
+    assert meta["format_version"] == ckpt.CHECKPOINT_VERSION == 2
     assert set(meta["state"]) >= {"epoch", "step_in_epoch", "global_step", "best_val_loss"}
-    assert set(arrays) == {"params", "optim_m", "optim_v", "optim_t"}
+    assert set(arrays) == {"params", "optim_m", "optim_v", "optim_t", "norm_shift", "norm_scale"}
+    fitted = prepare_data(cfg).normalizer  # the normaliser the run applied, in the model dtype
+    assert meta["normalize"] == fitted.kind == "standard"
+    np.testing.assert_array_equal(arrays["norm_shift"], fitted.shift)
+    np.testing.assert_array_equal(arrays["norm_scale"], fitted.scale)
+    assert arrays["norm_shift"].dtype == arrays["params"].dtype == np.float64
     with zipfile.ZipFile(path) as zf:
         assert "sha256.npy" in zf.namelist()
     with np.load(path, allow_pickle=False) as npz:  # loads without pickle, no object arrays
