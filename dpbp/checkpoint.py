@@ -142,8 +142,7 @@ def _members(zf: zipfile.ZipFile, path: Path, kind: str, length: int) -> dict[st
     members = {info.filename[: -len(".npy")]: info for info in infos}
     if "meta" not in members or "sha256" not in members:
         raise CheckpointError(f"{path} is not a dpbp {kind} file (no metadata or checksum)")
-    packed = sorted(n for n, info in members.items()
-                    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size)
+    packed = sorted(n for n, info in members.items() if info.compress_type != zipfile.ZIP_STORED)
     if packed:
         raise CheckpointError(f"{path}: member(s) {packed} are compressed; dpbp writes and reads only "
                               "uncompressed files")
@@ -151,6 +150,9 @@ def _members(zf: zipfile.ZipFile, path: Path, kind: str, length: int) -> dict[st
     if declared > length:
         raise CheckpointError(f"{path}: the zip directory declares {declared} bytes of members in a "
                               f"{length}-byte file")
+    mismatched = sorted(n for n, info in members.items() if info.compress_size != info.file_size)
+    if mismatched:
+        raise CheckpointError(f"{path}: the zip directory gives stored member(s) {mismatched} two different sizes")
     if members["meta"].file_size > META_MAX_BYTES:
         raise CheckpointError(f"{path}: metadata of {members['meta'].file_size} bytes is over the "
                               f"{META_MAX_BYTES}-byte limit; not a dpbp {kind} file")
