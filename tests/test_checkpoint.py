@@ -11,7 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
-from helpers import small_config
+from helpers import as_format_1, small_config
 
 from dpbp import checkpoint as ckpt
 from dpbp.comm import SerialComm
@@ -450,19 +450,6 @@ def test_resume_checks_the_model_before_reading_any_array(saved_run, monkeypatch
 
 
 # ----------------------------------------------------------------------------- checkpoints as models
-
-
-def as_format_1(path, out, normalize: str | None = None):
-    """Rewrite checkpoint ``path`` as format 1 wrote it: no normaliser arrays, no meta ``normalize``."""
-    arrays, meta = ckpt.load_checkpoint(path)
-    for name in ("norm_shift", "norm_scale"):
-        arrays.pop(name)
-    meta.pop("normalize")
-    meta["format_version"] = 1
-    if normalize is not None:
-        meta["config"]["data"]["normalize"] = normalize
-    ckpt.atomic_write_npz(out, arrays, meta)
-    return out
 
 
 def test_format_1_checkpoint_still_resumes_exactly(saved_run, tmp_path):
