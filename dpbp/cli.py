@@ -253,7 +253,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @collective
 def evaluate(comm, model_path, source, label_column, seed, as_json):
-    """Loss and accuracy of a saved model or any checkpoint on a data set (every sample counted once).
+    """Loss and accuracy of a model file or any checkpoint on a data set (each sample once).
 
     A checkpoint's saved normaliser is applied to the data first, exactly as in training.
     """
@@ -293,7 +293,7 @@ Examples:
               help=".npy (output activations) or .csv (predicted class, then the outputs).")
 @collective
 def predict(comm, model_path, input_path, output_path):
-    """Write a saved model's or any checkpoint's outputs for every row of a feature file.
+    """Write the outputs of a model file or any checkpoint for every row of a feature file.
 
     A checkpoint's saved normaliser is applied to the features first, exactly as in training.
     """
