@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 import zipfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from dpbp import __version__
 from dpbp.data import NORMALIZERS, Normalizer
-from dpbp.errors import CheckpointError, SaveError
+from dpbp.errors import CheckpointError, DpbpError, SaveError
 from dpbp.model import MLP
 from dpbp.optim import make_optimizer
 
@@ -116,7 +117,7 @@ def read_npz(path: str | os.PathLike, kind: str,
                             "sha256": DIGEST_MEMBER}
                 _check_members(zf, members, expected, path, length)
                 arrays = _read_arrays(zf, {name: members[name] for name in expected if name != "meta"})
-    except (CheckpointError, MemoryError):
+    except (DpbpError, MemoryError):  # refusals (also from ``layout``) keep their message
         raise
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
@@ -135,8 +136,8 @@ def _members(zf: zipfile.ZipFile, path: Path, kind: str, length: int) -> dict[st
     sizes that add up to more than the file's ``length``, and an oversized ``meta``.
     """
     infos = zf.infolist()
-    names = [info.filename for info in infos]
-    odd = sorted({n for n in names if names.count(n) > 1 or not n.endswith(".npy")})
+    counts = Counter(info.filename for info in infos)
+    odd = sorted(n for n, k in counts.items() if k > 1 or not n.endswith(".npy"))
     if odd:
         raise CheckpointError(f"{path}: unexpected member(s) {odd} in a dpbp {kind} file")
     members = {info.filename[: -len(".npy")]: info for info in infos}
