@@ -1,8 +1,10 @@
-"""Atomic, pickle-free files: trained models (and, later, training checkpoints).
+"""Atomic, pickle-free files: trained models and training checkpoints.
 
-Every file is an ``.npz`` read with ``allow_pickle=False``; metadata travels as
-JSON text stored in a uint8 array named ``meta``, together with a sha256 of the
-array payload, so truncation, bit flips and tampering are detected on load.
+Every file is an uncompressed ``.npz`` read with ``allow_pickle=False``; metadata
+travels as JSON text stored in a uint8 array named ``meta``, together with a sha256 of
+the array payload, so truncation, bit flips and tampering are detected on load. Reading
+checks every member against what the metadata implies before reading array data, so a
+crafted file cannot make a reader allocate more than the file holds.
 Writes go to a temporary file in the same folder, are fsynced, then renamed:
 a crash never leaves a file that looks valid.
 """
@@ -10,17 +12,22 @@ a crash never leaves a file that looks valid.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import math
 import os
 import tempfile
+import zipfile
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from dpbp import __version__
-from dpbp.errors import CheckpointError, SaveError
+from dpbp.data import NORMALIZERS, Normalizer
+from dpbp.errors import CheckpointError, DpbpError, SaveError
 from dpbp.model import MLP
+from dpbp.optim import make_optimizer
 
 MODEL_FORMAT = "dpbp-model"
 FORMAT_VERSION = 1
@@ -69,39 +76,211 @@ def atomic_write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], met
         pass
 
 
-def read_npz(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], dict]:
+# Largest ``meta`` member read (its uncompressed size, from the zip directory); real metadata is
+# kilobytes (the config and the metrics history), so anything near this is not a dpbp file.
+META_MAX_BYTES = 64 << 20
+NPY_VERSIONS = ((1, 0), (2, 0))  # the .npy header versions np.savez writes for plain dtypes
+DIGEST_MEMBER = ((64,), np.dtype(np.uint8))  # sha256 hex digest
+
+# member name -> (shape, dtype) that a file's metadata implies; the file must hold exactly these
+Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+def read_meta(path: str | os.PathLike, kind: str = "checkpoint") -> dict:
+    """The metadata of a dpbp file, reading nothing else (the zip directory and ``meta`` only).
+
+    Not verified: the sha256 also covers the arrays, which are not read. For listing and
+    choosing files; whatever is then used is read with ``read_npz``. Raises CheckpointError.
+    """
+    return read_npz(path, kind, layout=None)[1]
+
+
+def read_npz(path: str | os.PathLike, kind: str,
+             layout: Callable[[dict], Layout] | None) -> tuple[dict[str, np.ndarray], dict]:
     """Read and verify a file written by ``atomic_write_npz``: (arrays, meta).
 
-    Raises CheckpointError naming the file for anything missing, unreadable,
-    truncated, tampered with (sha256 mismatch) or not a dpbp file.
+    Two phases, so a crafted file cannot make this allocate more than it honestly holds.
+    First only the zip directory and the ``meta`` member (at most ``META_MAX_BYTES``) are
+    read; ``layout(meta)`` then names every array the metadata implies, with its shape and
+    dtype (it raises CheckpointError for metadata it refuses). Every member's declared
+    size and .npy header are checked against that before any array data is read; last,
+    the arrays are read (``allow_pickle=False``) and the sha256 is verified.
+
+    Raises CheckpointError naming the file for anything missing, unreadable, truncated,
+    compressed (dpbp writes stored members), larger than the file, not what the metadata
+    implies (unknown or missing members, other shapes or dtypes, object arrays),
+    tampered with (sha256 mismatch) or not a dpbp file. ``layout=None``: stop after the
+    metadata and return no arrays (``read_meta``).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{kind} file not found: {path}")
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PK\x03\x04":
+                raise CheckpointError(f"{path} is not a dpbp {kind} file (not an .npz archive)")
+            length = os.fstat(fh.fileno()).st_size
+            with zipfile.ZipFile(fh) as zf:
+                members = _members(zf, path, kind, length)
+                blob, meta = _read_meta(zf, members["meta"], path)
+                if layout is None:
+                    return {}, meta
+                expected = {**_call_layout(layout, meta, path), "meta": (blob.shape, blob.dtype),
+                            "sha256": DIGEST_MEMBER}
+                _check_members(zf, members, expected, path, length)
+                arrays = _read_arrays(zf, {name: members[name] for name in expected if name != "meta"})
+    except (DpbpError, MemoryError):  # refusals (also from ``layout``) keep their message
+        raise
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not data.startswith(b"PK\x03\x04"):
-        raise CheckpointError(f"{path} is not a dpbp {kind} file (not an .npz archive)")
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except Exception as exc:  # zipfile/zlib/numpy raise assorted errors on corrupt files
+    except Exception as exc:  # zipfile/numpy raise assorted errors on corrupt files
         raise CheckpointError(f"{path} is not a readable {kind} file ({type(exc).__name__}: {exc})") from None
-    digest, blob = arrays.pop("sha256", None), arrays.get("meta")
-    if digest is None or blob is None or blob.dtype != np.uint8 or blob.ndim != 1 or digest.dtype != np.uint8:
-        raise CheckpointError(f"{path} is not a dpbp {kind} file (no metadata or checksum)")
-    if digest.tobytes() != payload_digest(arrays).encode():
+    digest = arrays.pop("sha256")
+    if digest.tobytes() != payload_digest({"meta": blob, **arrays}).encode():
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt or was modified")
-    del arrays["meta"]
+    return arrays, meta
+
+
+def _members(zf: zipfile.ZipFile, path: Path, kind: str, length: int) -> dict[str, zipfile.ZipInfo]:
+    """The archive's members by array name, from the zip directory alone (nothing is decompressed).
+
+    Refuses names that are not ``NAME.npy`` or appear twice, compressed members, declared
+    sizes that add up to more than the file's ``length``, and an oversized ``meta``.
+    """
+    infos = zf.infolist()
+    counts = Counter(info.filename for info in infos)
+    odd = sorted(n for n, k in counts.items() if k > 1 or not n.endswith(".npy"))
+    if odd:
+        raise CheckpointError(f"{path}: unexpected member(s) {odd} in a dpbp {kind} file")
+    members = {info.filename[: -len(".npy")]: info for info in infos}
+    if "meta" not in members or "sha256" not in members:
+        raise CheckpointError(f"{path} is not a dpbp {kind} file (no metadata or checksum)")
+    packed = sorted(n for n, info in members.items() if info.compress_type != zipfile.ZIP_STORED)
+    if packed:
+        raise CheckpointError(f"{path}: member(s) {packed} are compressed; dpbp writes and reads only "
+                              "uncompressed files")
+    declared = sum(info.file_size for info in infos)
+    if declared > length:
+        raise CheckpointError(f"{path}: the zip directory declares {declared} bytes of members in a "
+                              f"{length}-byte file")
+    mismatched = sorted(n for n, info in members.items() if info.compress_size != info.file_size)
+    if mismatched:
+        raise CheckpointError(f"{path}: the zip directory gives stored member(s) {mismatched} two different sizes")
+    if members["meta"].file_size > META_MAX_BYTES:
+        raise CheckpointError(f"{path}: metadata of {members['meta'].file_size} bytes is over the "
+                              f"{META_MAX_BYTES}-byte limit; not a dpbp {kind} file")
+    return members
+
+
+def _read_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, bytes of data that shape needs) from a member's .npy header, reading nothing else.
+
+    Raises CheckpointError for a header numpy does not write for plain arrays (other
+    versions, Fortran order) or one whose shape and dtype disagree with the member's size.
+    """
+    with zf.open(info) as fp:
+        version = np.lib.format.read_magic(fp)
+        if version not in NPY_VERSIONS:
+            raise CheckpointError(f"array {info.filename!r} has .npy format {version}")
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = reader(fp)  # a literal dict: never unpickles
+        data_start = fp.tell()
+    if fortran_order:
+        raise CheckpointError(f"array {info.filename!r} is stored in Fortran order")
+    nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow for any declared shape
+    if info.file_size != data_start + nbytes:
+        raise CheckpointError(f"array {info.filename!r} declares shape {shape} {dtype} ({nbytes} bytes) but "
+                              f"holds {info.file_size - data_start} bytes")
+    return shape, dtype, nbytes
+
+
+def _read_meta(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> tuple[np.ndarray, dict]:
+    """The ``meta`` member: its uint8 bytes and the JSON object they hold."""
+    try:
+        shape, dtype, _ = _read_header(zf, info)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    if dtype != np.uint8 or len(shape) != 1:
+        raise CheckpointError(f"{path}: metadata is a {shape} {dtype} array, not UTF-8 text")
+    blob = _read_arrays(zf, {"meta": info})["meta"]
     try:
         meta = json.loads(blob.tobytes().decode())
         if not isinstance(meta, dict):
             raise ValueError("metadata is not an object")
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: corrupt metadata ({exc})") from None
-    return arrays, meta
+    return blob, meta
+
+
+def _call_layout(layout: Callable[[dict], Layout], meta: dict, path: Path) -> Layout:
+    """``layout(meta)``, with metadata of the wrong types refused as one CheckpointError."""
+    try:
+        return layout(meta)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        # Only a hand-made file gets here: well-formed JSON whose content does not make sense.
+        raise CheckpointError(f"{path}: malformed checkpoint metadata ({type(exc).__name__}: {exc})") from None
+
+
+def _check_members(zf: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], expected: Layout,
+                   path: Path, length: int) -> None:
+    """Refuse unless the members are exactly ``expected``, by name, header shape, dtype and size.
+
+    Reads only the .npy headers. A description needing more bytes than the whole file
+    (``length``) is refused first, before any header is opened.
+    """
+    need = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in expected.values())
+    if need > length:
+        raise CheckpointError(f"{path}: its metadata describes arrays of {need} bytes, more than the whole "
+                              f"{length}-byte file holds")
+    unknown, missing = sorted(set(members) - set(expected)), sorted(set(expected) - set(members))
+    if unknown or missing:
+        what = "; ".join(f"{word} {names}" for word, names in (("unexpected member(s)", unknown),
+                                                               ("missing array(s)", missing)) if names)
+        raise CheckpointError(f"{path}: {what} for the model its metadata describes")
+    for name, (shape, dtype) in expected.items():
+        try:
+            got_shape, got_dtype, _ = _read_header(zf, members[name])
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        if got_shape != tuple(shape) or got_dtype != dtype:
+            raise CheckpointError(f"{path}: array {name!r} is {got_shape} {got_dtype}; its metadata implies "
+                                  f"{tuple(shape)} {np.dtype(dtype)}")
+
+
+def _read_arrays(zf: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo]) -> dict[str, np.ndarray]:
+    """Read the named members' arrays (headers already checked; zipfile verifies each CRC)."""
+    out = {}
+    for name, info in members.items():
+        with zf.open(info) as fp:
+            out[name] = np.lib.format.read_array(fp, allow_pickle=False)
+    return out
+
+
+def model_size(spec: dict) -> tuple[int, int, np.dtype]:
+    """(inputs, parameter count, dtype) that a model description implies, without building the model.
+
+    Raises ValueError for sizes that are not at least two positive integers or a dtype
+    other than float32/float64 (so an absurd description costs nothing to refuse).
+    """
+    sizes, dtype = spec["sizes"], spec["dtype"]
+    if not (isinstance(sizes, list) and len(sizes) >= 2 and all(type(s) is int and s >= 1 for s in sizes)):
+        raise ValueError(f"model sizes must be at least two positive integers, got {str(sizes)[:80]}")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"model dtype must be float32 or float64, got {str(dtype)[:80]}")
+    return sizes[0], sum((i + 1) * o for i, o in zip(sizes[:-1], sizes[1:])), np.dtype(dtype)
+
+
+def fold_input_map(model: MLP, params: np.ndarray, shift: np.ndarray, scale: np.ndarray) -> None:
+    """Fold ``x' = (x - shift) * scale`` into the first layer of ``params``, in place.
+
+    ``params``: a flat ``(n_params,)`` vector in ``model``'s layout and dtype; ``shift``,
+    ``scale``: ``(n_in,)``, cast to the model dtype. Afterwards ``W' = W * scale`` and
+    ``b' = b - W' @ shift``: the network takes raw ``x`` (equal up to rounding).
+    """
+    W, b = model.layer_views(params)
+    W0, b0 = W[0], b[0]
+    W0 *= scale.astype(model.dtype)[None, :]
+    b0 -= W0 @ shift.astype(model.dtype)
 
 
 def save_model(path: str | os.PathLike, model: MLP, shift: np.ndarray | None = None,
@@ -109,15 +288,12 @@ def save_model(path: str | os.PathLike, model: MLP, shift: np.ndarray | None = N
     """Save ``model`` so that it takes RAW inputs.
 
     If training normalised inputs as ``x' = (x - shift) * scale``, that affine map is
-    folded into the first layer (``W' = W * scale``, ``b' = b - W' @ shift``), so the
-    saved model needs no normaliser and ``predict`` on raw data just works.
+    folded into the first layer (``fold_input_map``), so the saved model needs no
+    normaliser and ``predict`` on raw data just works.
     """
     params = model.params.copy()
     if shift is not None and scale is not None:
-        W, b = model.layer_views(params)
-        W0, b0 = W[0], b[0]
-        W0 *= scale.astype(model.dtype)[None, :]
-        b0 -= W0 @ shift.astype(model.dtype)
+        fold_input_map(model, params, shift, scale)
     meta = {
         "format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "dpbp_version": __version__,
         "model": model.describe(), **(extra or {}),
@@ -128,19 +304,64 @@ def save_model(path: str | os.PathLike, model: MLP, shift: np.ndarray | None = N
         raise SaveError(f"could not write model {path}: {exc.strerror or exc}") from None
 
 
+def load_network(path: str | os.PathLike) -> tuple[MLP, Normalizer]:
+    """The network stored at ``path`` as saved, and the input map its parameters expect.
+
+    ``path`` is a model file (its parameters take raw inputs: the normaliser is
+    ``"none"``) or any training checkpoint (``step-N.npz``, ``best.npz``: parameters
+    for normalised inputs, with the normaliser the run fitted). Feeding
+    ``normalizer.apply(x)`` to the network reproduces training's numbers exactly.
+    Raises CheckpointError naming the file for anything ``read_npz`` refuses, and for a
+    format-1 checkpoint trained on normalised data (it does not store its normaliser).
+    """
+    def layout(meta: dict) -> Layout:
+        fmt = meta.get("format")
+        if fmt == MODEL_FORMAT:
+            return _model_layout(meta, path)
+        if fmt == CHECKPOINT_FORMAT:
+            _check_checkpoint_meta(meta, path)
+            _checkpoint_inputs(meta, path)  # refuse a file that cannot be used before reading its arrays
+            return _checkpoint_layout(meta)
+        raise CheckpointError(f"{path} is neither a dpbp model file nor a training checkpoint (format {fmt!r})")
+
+    arrays, meta = read_npz(path, "model", layout)
+    kind = "none" if meta["format"] == MODEL_FORMAT else _checkpoint_inputs(meta, path)
+    return _build_model(meta["model"], arrays["params"], path), Normalizer.from_arrays(kind, arrays)
+
+
 def load_model(path: str | os.PathLike) -> MLP:
-    """Return the ``MLP`` saved at ``path`` by ``save_model``."""
-    arrays, meta = read_npz(path, "model")
-    if meta.get("format") != MODEL_FORMAT:
-        raise CheckpointError(f"{path} is not a dpbp model file (format {meta.get('format')!r})")
-    spec = meta.get("model")
+    """Return the network saved at ``path``, taking RAW inputs.
+
+    ``path`` is a model file written by ``save_model`` (``model.npz``) or any training
+    checkpoint (``step-N.npz``, ``best.npz``). A checkpoint keeps its parameters in the
+    normalised input space; its saved normaliser is folded into the first layer as
+    ``save_model`` does (``fold_input_map``), so ``predict`` on raw data works either way
+    (equal to the checkpoint's network on normalised data up to rounding; ``load_network``
+    gives the unfolded pair). Parameters are ``(n_params,)`` of the saved dtype.
+    Raises CheckpointError naming the file when it is missing, corrupt, not a dpbp file, or
+    a format-1 checkpoint trained on normalised data (it does not store its normaliser).
+    """
+    model, inputs = load_network(path)
+    if inputs.kind != "none":
+        fold_input_map(model, model.params, inputs.shift, inputs.scale)
+    return model
+
+
+def _model_layout(meta: dict, path) -> Layout:
+    """A model file holds ``params``: ``(n_params,)`` of the model dtype."""
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: model format version {meta.get('format_version')!r} is not supported by "
+                              f"dpbp {__version__} (expects {FORMAT_VERSION})")
+    _, n_params, dtype = model_size(meta["model"])
+    return {"params": ((n_params,), dtype)}
+
+
+def _build_model(spec: dict, params: np.ndarray, path) -> MLP:
+    """An ``MLP`` from its saved description, holding ``params`` (shape and dtype already checked)."""
     try:
         model = MLP(**spec)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: invalid model description ({exc})") from None
-    params = arrays.get("params")
-    if params is None or params.shape != (model.n_params,) or params.dtype != model.dtype:
-        raise CheckpointError(f"{path}: parameters do not match the model description {spec}")
     model.params[...] = params
     return model
 
@@ -148,7 +369,8 @@ def load_model(path: str | os.PathLike) -> MLP:
 # ----------------------------------------------------------------------------- training checkpoints
 
 CHECKPOINT_FORMAT = "dpbp-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2 added the input normaliser: meta "normalize", arrays norm_shift and norm_scale
+READ_CHECKPOINT_VERSIONS = (1, 2)  # format 1 still resumes; it cannot be used as a model (no normaliser)
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.npz"
 
@@ -167,18 +389,65 @@ def save_checkpoint(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta
         raise SaveError(f"could not write checkpoint {path}: {exc.strerror or exc}") from None
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
-    """Read and verify a checkpoint; raise CheckpointError (naming the file) for anything wrong."""
-    arrays, meta = read_npz(path, "checkpoint")
+def load_checkpoint(path: str | os.PathLike,
+                    check: Callable[[dict], None] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Read and verify a training checkpoint: (arrays, meta).
+
+    ``arrays``: ``params`` and ``optim_<state>`` (``(n_params,)``, model dtype),
+    ``optim_t`` (0-d int64) and, from format 2 unless the run did not normalise,
+    ``norm_shift``/``norm_scale`` (``(n_in,)``, model dtype). ``check(meta)``, when given,
+    runs once the metadata is read and before any array data is: raising CheckpointError
+    there refuses the file unread (resume uses it to refuse another model's checkpoint).
+    Raises CheckpointError naming the file for anything wrong.
+    """
+    def layout(meta: dict) -> Layout:
+        _check_checkpoint_meta(meta, path)
+        if check is not None:
+            check(meta)
+        return _checkpoint_layout(meta)
+
+    return read_npz(path, "checkpoint", layout)
+
+
+def _check_checkpoint_meta(meta: dict, path) -> None:
+    """Refuse metadata that is not a training checkpoint's of a readable format version."""
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a dpbp training checkpoint (format {meta.get('format')!r})")
-    if meta.get("format_version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {meta.get('format_version')} is not supported "
-                              f"by dpbp {__version__} (expects {CHECKPOINT_VERSION})")
-    missing = [k for k in ("config", "model", "state", "optimizer", "history") if k not in meta]
-    if missing or "params" not in arrays:
-        raise CheckpointError(f"{path}: incomplete checkpoint (missing {missing or ['params']})")
-    return arrays, meta
+    version = meta.get("format_version")
+    if type(version) is not int or version not in READ_CHECKPOINT_VERSIONS:
+        raise CheckpointError(f"{path}: checkpoint format version {version!r} is not supported "
+                              f"by dpbp {__version__} (reads {', '.join(map(str, READ_CHECKPOINT_VERSIONS))})")
+    required = ("config", "model", "state", "optimizer", "history") + (("normalize",) if version >= 2 else ())
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint (missing {missing})")
+
+
+def _checkpoint_layout(meta: dict) -> Layout:
+    """The arrays a checkpoint's metadata implies (see ``load_checkpoint``)."""
+    n_in, n_params, dtype = model_size(meta["model"])
+    vector = ((n_params,), dtype)
+    state_names = make_optimizer(meta["optimizer"]["name"], 0, dtype).state_names
+    layout = {"params": vector, **{f"optim_{k}": vector for k in state_names}, "optim_t": ((), np.dtype(np.int64))}
+    if meta["format_version"] >= 2:
+        if meta["normalize"] not in NORMALIZERS:
+            raise ValueError(f"unknown normalizer {str(meta['normalize'])[:40]!r}")
+        if meta["normalize"] != "none":
+            layout.update(norm_shift=((n_in,), dtype), norm_scale=((n_in,), dtype))
+    return layout
+
+
+def _checkpoint_inputs(meta: dict, path) -> str:
+    """The normaliser kind a checkpoint's parameters expect; refuses a format-1 file that cannot say."""
+    if meta["format_version"] >= 2:
+        return meta["normalize"]
+    kind = meta["config"]["data"]["normalize"]
+    if kind != "none":
+        raise CheckpointError(
+            f"{path} is a format-1 checkpoint: it does not store the input normaliser ({kind!r}) its parameters "
+            "expect, so it cannot be used as a model; use the run's model.npz, or a checkpoint written by this "
+            f"dpbp (format {CHECKPOINT_VERSION})")
+    return "none"
 
 
 def periodic_checkpoints(folder: str | os.PathLike) -> list[Path]:

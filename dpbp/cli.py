@@ -282,7 +282,7 @@ def _resume_point(comm, resume: str, given: Path | None):
             home = given
         if path is None:
             return None, home, None, skipped
-        meta = ckpt.load_checkpoint(path)[1]
+        meta = ckpt.read_meta(path)  # the config only: restoring verifies the whole file
         try:
             run = rundir.peek_checkpoint_run(path)
         except ValueError as exc:
@@ -310,10 +310,11 @@ def _resume_point(comm, resume: str, given: Path | None):
 @main.command(epilog="""\b
 Examples:
   dpbp evaluate --model runs/dpbp/model.npz --data spirals
+  dpbp evaluate --model runs/dpbp/checkpoints/best.npz --data spirals
   mpirun -n 2 dpbp evaluate --model m.npz --data t10k-images-idx3-ubyte.gz,t10k-labels-idx1-ubyte.gz --json
 """)
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
-              help="A model.npz written by dpbp train.")
+              help="A model.npz or any checkpoint (checkpoints/step-N.npz, best.npz) written by dpbp train.")
 @click.option("--data", "source", required=True,
               help="Data source: built-in name, .npz, x.npy,y.npy, .csv or IDX images,labels.")
 @click.option("--label-column", default="last", show_default=True, help="CSV label column: last, first, index or name.")
@@ -321,16 +322,21 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @collective
 def evaluate(comm, model_path, source, label_column, seed, as_json):
-    """Loss and accuracy of a saved model on a data set (every sample counted once)."""
+    """Loss and accuracy of a model file or any checkpoint on a data set (each sample once).
+
+    A checkpoint's saved normaliser is applied to the data first, exactly as in training.
+    """
     from dpbp import data as data_mod
-    from dpbp.checkpoint import load_model
+    from dpbp.checkpoint import load_network
     from dpbp.train import all_or_nothing
     from dpbp.train import evaluate as evaluate_model
 
     def load():
-        model = load_model(model_path)
+        model, inputs = load_network(model_path)
         ds = data_mod.load_source(source, dtype=model.dtype.name, label_column=label_column, seed=seed)
         data_mod.validate(ds, n_in=model.sizes[0], n_out=model.sizes[-1], loss=model.loss, role="evaluation")
+        if inputs.kind != "none":  # a checkpoint: its parameters expect normalised inputs
+            ds.x = inputs.apply(ds.x)
         return model, ds
 
     model, ds = all_or_nothing(comm, load, "loading")
@@ -345,34 +351,39 @@ def evaluate(comm, model_path, source, label_column, seed, as_json):
 @main.command(epilog="""\b
 Examples:
   dpbp predict --model runs/dpbp/model.npz --input points.csv --output predictions.csv
+  dpbp predict --model runs/dpbp/checkpoints/step-000000500.npz --input x.npy --output out.npy
   mpirun -n 4 dpbp predict --model m.npz --input x.npy --output out.npy
 """)
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
-              help="A model.npz written by dpbp train.")
+              help="A model.npz or any checkpoint (checkpoints/step-N.npz, best.npz) written by dpbp train.")
 @click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
               help="Features only: .npy, .npz (array x) or .csv (numeric, optional header).")
 @click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
               help=".npy (output activations) or .csv (predicted class, then the outputs).")
 @collective
 def predict(comm, model_path, input_path, output_path):
-    """Write a saved model's outputs for every row of a feature file."""
+    """Write the outputs of a model file or any checkpoint for every row of a feature file.
+
+    A checkpoint's saved normaliser is applied to the features first, exactly as in training.
+    """
     import numpy as np
 
     from dpbp import data as data_mod
-    from dpbp.checkpoint import load_model
+    from dpbp.checkpoint import load_network
     from dpbp.train import all_or_nothing
 
     def load():
-        model = load_model(model_path)
+        model, inputs = load_network(model_path)
         x = data_mod.load_features(input_path, dtype=model.dtype.name)
         if x.shape[1] != model.sizes[0]:
             raise data_mod.DataError(f"{input_path}: rows have {x.shape[1]} features; the model expects "
                                      f"{model.sizes[0]}")
-        return model, x
+        return model, inputs, x
 
-    model, x = all_or_nothing(comm, load, "loading")
+    model, inputs, x = all_or_nothing(comm, load, "loading")
     lo, hi = data_mod.shard_bounds(x.shape[0], comm.size, comm.rank)  # DP: my rows
-    local = model.predict(x[lo:hi]) if hi > lo else np.empty((0, model.sizes[-1]), model.dtype)
+    mine = inputs.apply(x[lo:hi]) if inputs.kind != "none" else x[lo:hi]  # a checkpoint expects normalised x
+    local = model.predict(mine) if hi > lo else np.empty((0, model.sizes[-1]), model.dtype)
     out = comm.gather_rows(local)
     all_or_nothing(comm, lambda: _write_predictions(output_path, out) if comm.is_root else None,
                    f"writing {output_path}")

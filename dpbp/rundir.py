@@ -30,15 +30,13 @@ import socket
 import sys
 import tempfile
 import uuid
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from dpbp import __version__
+from dpbp import checkpoint as ckpt
 from dpbp.checkpoint import BEST_NAME, CHECKPOINT_DIR
-from dpbp.errors import DpbpError, SaveError
+from dpbp.errors import CheckpointError, DpbpError, SaveError
 
 RUN_RECORD = "run.json"
 LOCK_FILE = "run.lock"
@@ -56,7 +54,6 @@ NUMBERED = re.compile(r"run-(\d+)")
 OUTPUT_FILES = (RUN_RECORD, LOCK_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, PLOT_FILE)
 # Temporary names of interrupted atomic writes (checkpoint.atomic_write_npz, write_text_atomic).
 TEMP_FILE = re.compile(r"\.[^/]+\.tmp")
-META_LIMIT = 64 * 2**20  # bytes of checkpoint metadata read when listing a lineage
 
 
 class RunDirError(DpbpError):
@@ -96,34 +93,21 @@ def read_json(path: Path) -> dict:
 
 
 def peek_checkpoint_run(path: Path) -> dict | None:
-    """The ``run`` entry (run_id, seq, parent, step) of a checkpoint's metadata, reading nothing else.
+    """The ``run`` entry (run_id, seq, parent) of a checkpoint's or model's metadata, plus its ``step``.
 
-    Only the small ``meta`` member of the .npz is read, and not verified (the checkpoint that is
-    resumed from is verified in full). Returns None for a checkpoint without lineage (written by an
-    older dpbp); raises ValueError for a file that cannot be read as a checkpoint.
+    Reads the metadata only, unverified (the checkpoint resumed from is verified in full).
+    Returns None for a file without lineage (written by an older dpbp); raises ValueError for a
+    file that cannot be read as a dpbp file.
     """
     try:
-        with zipfile.ZipFile(path) as zf:
-            info = zf.getinfo("meta.npy")
-            if info.file_size > META_LIMIT:
-                raise ValueError(f"metadata of {info.file_size} bytes")
-            with zf.open(info) as fh:
-                version = np.lib.format.read_magic(fh)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read_header(fh)
-                if dtype != np.uint8 or len(shape) != 1:
-                    raise ValueError("malformed metadata")
-                meta = json.loads(fh.read(shape[0]).decode())
-    except (OSError, KeyError, zipfile.BadZipFile, UnicodeDecodeError, EOFError) as exc:
-        raise ValueError(f"{type(exc).__name__}: {exc}") from None
-    if not isinstance(meta, dict):
-        raise ValueError("metadata is not an object")
+        meta = ckpt.read_meta(path)
+    except CheckpointError as exc:
+        raise ValueError(str(exc)) from None
     run = meta.get("run")
     if run is None:
         return None
     if not (isinstance(run, dict) and isinstance(run.get("run_id"), str) and isinstance(run.get("seq"), int)):
-        raise ValueError("malformed run entry in the metadata")
+        raise ValueError(f"{path}: malformed run entry in the metadata")
     step = meta.get("state", {}).get("global_step") if isinstance(meta.get("state"), dict) else None
     return {**run, "step": step}
 

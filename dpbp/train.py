@@ -864,10 +864,18 @@ class Trainer:
         return self.run_dir / ckpt.CHECKPOINT_DIR if self.run_dir is not None else None
 
     def checkpoint_payload(self) -> tuple[dict[str, np.ndarray], dict]:
-        """(arrays, metadata) describing the run at this step boundary: global state only."""
+        """(arrays, metadata) describing the run at this step boundary: global state only.
+
+        The parameters live in the normalised input space, so the normaliser goes with them
+        (``norm_shift``/``norm_scale`` in the model dtype, meta ``normalize``): any checkpoint
+        can then be evaluated or used as a model.
+        """
         arrays = {"params": self.model.params}
         for name, value in self.optimizer.state_dict().items():
             arrays[f"optim_{name}"] = value
+        norm = self.data.normalizer
+        for name, value in norm.to_arrays().items():
+            arrays[name] = value.astype(self.model.dtype)  # the dtype apply() used on the training data
         meta = {
             "config": config_mod.to_dict(self.cfg),
             "model": self.model.describe(),
@@ -878,6 +886,7 @@ class Trainer:
             "history": self.history,
             "world_size": self.comm.size,  # informational: resuming on another rank count is fine
             "data_digest": self.data_digest,
+            "normalize": norm.kind,
         }
         return arrays, meta
 
@@ -936,9 +945,9 @@ class Trainer:
         path = Path(path)
 
         def load():
-            arrays, meta = ckpt.load_checkpoint(path)
+            # The model, optimizer and data are checked from the metadata, before any array is read.
+            arrays, meta = ckpt.load_checkpoint(path, check=lambda meta: self._check_compatible(path, meta))
             try:
-                self._check_compatible(path, arrays, meta)
                 state = TrainState.from_json(meta["state"])
                 history = [dict(r) for r in meta["history"]]
                 if not (0 <= state.epoch and 0 <= state.step_in_epoch < self.steps_per_epoch
@@ -1023,15 +1032,17 @@ class Trainer:
         if self.rundir is not None:
             self.rundir.release()
 
-    def _check_compatible(self, path, arrays: dict, meta: dict) -> None:
+    def _check_compatible(self, path, meta: dict) -> None:
+        """Raise CheckpointError unless checkpoint metadata ``meta`` fits this run's model, optimizer and data.
+
+        Needs the metadata only; the arrays' shapes and dtypes follow from it and are
+        checked by ``ckpt.load_checkpoint`` before they are read.
+        """
         mine, theirs = self.model.describe(), meta["model"]
         keys = ("sizes", "activation", "output", "loss", "dtype")
         differ = [f"{k}: checkpoint {theirs.get(k)!r}, config {mine[k]!r}" for k in keys if theirs.get(k) != mine[k]]
         if differ:
             raise CheckpointError(f"{path} holds a different model ({'; '.join(differ)})")
-        params = arrays["params"]
-        if params.shape != self.model.params.shape or params.dtype != self.model.dtype:
-            raise CheckpointError(f"{path}: parameters do not match the model description")
         if meta["optimizer"].get("name") != self.optimizer.name:
             raise CheckpointError(f"{path} was trained with optimizer {meta['optimizer'].get('name')!r}; "
                                   f"the config asks for {self.optimizer.name!r}")
@@ -1043,11 +1054,6 @@ class Trainer:
                                   "(they define the model or the data order); start a new run directory instead")
         if meta.get("data_digest") != self.data_digest:
             raise CheckpointError(f"{path}: the training data differs from the data this checkpoint was trained on")
-        try:
-            self.optimizer.__class__(self.model.n_params, self.model.dtype).load_state_dict(
-                {k[len("optim_"):]: v for k, v in arrays.items() if k.startswith("optim_")})
-        except ValueError as exc:
-            raise CheckpointError(f"{path}: optimizer state does not fit ({exc})") from None
 
 
 def _flatten(d: dict) -> dict:

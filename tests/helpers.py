@@ -32,3 +32,21 @@ def mpirun(n: int) -> list[str]:
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
     extra = ["--allow-run-as-root", "--oversubscribe"] if "Open MPI" in version else []
     return [exe, *extra, "-n", str(n)]
+
+
+def as_format_1(path, out, normalize: str | None = None):
+    """Rewrite checkpoint ``path`` to ``out`` as format 1 wrote it: no normaliser arrays or meta ``normalize``.
+
+    ``normalize`` replaces the saved config's ``data.normalize``. Returns ``out``.
+    """
+    from dpbp import checkpoint as ckpt
+
+    arrays, meta = ckpt.load_checkpoint(path)
+    for name in ("norm_shift", "norm_scale"):
+        arrays.pop(name)
+    meta.pop("normalize")
+    meta["format_version"] = 1
+    if normalize is not None:
+        meta["config"]["data"]["normalize"] = normalize
+    ckpt.atomic_write_npz(out, arrays, meta)
+    return out

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import struct
+import tracemalloc
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
-from helpers import small_config
+from helpers import as_format_1, small_config
 
 from dpbp import checkpoint as ckpt
 from dpbp import rundir
 from dpbp.comm import SerialComm
 from dpbp.errors import CheckpointError, DpbpError
-from dpbp.train import Trainer, TrainingError
+from dpbp.train import Trainer, TrainingError, prepare_data
 
 TIMING = ("samples_per_s", "seconds")
 
@@ -63,12 +68,18 @@ def test_checkpoint_holds_everything_documented(saved_run):
     assert skipped == [] and path.name == ckpt.checkpoint_name(result.state.global_step)
     arrays, meta = ckpt.load_checkpoint(path)
     for key in ("format", "format_version", "dpbp_version", "config", "model", "state", "optimizer",
-                "schedule", "rng", "history", "world_size", "data_digest", "run"):
+                "schedule", "rng", "history", "world_size", "data_digest", "normalize", "run"):
         assert key in meta, key
+    assert meta["format_version"] == ckpt.CHECKPOINT_VERSION == 2
     record = json.loads((run_dir / "run.json").read_text())
     assert meta["run"]["run_id"] == record["run_id"] and meta["run"]["seq"] < record["next_seq"]
     assert set(meta["state"]) >= {"epoch", "step_in_epoch", "global_step", "best_val_loss"}
-    assert set(arrays) == {"params", "optim_m", "optim_v", "optim_t"}
+    assert set(arrays) == {"params", "optim_m", "optim_v", "optim_t", "norm_shift", "norm_scale"}
+    fitted = prepare_data(cfg).normalizer  # the normaliser the run applied, in the model dtype
+    assert meta["normalize"] == fitted.kind == "standard"
+    np.testing.assert_array_equal(arrays["norm_shift"], fitted.shift)
+    np.testing.assert_array_equal(arrays["norm_scale"], fitted.scale)
+    assert arrays["norm_shift"].dtype == arrays["params"].dtype == np.float64
     with zipfile.ZipFile(path) as zf:
         assert "sha256.npy" in zf.namelist()
     with np.load(path, allow_pickle=False) as npz:  # loads without pickle, no object arrays
@@ -296,3 +307,192 @@ def test_node_shared_needs_room_in_dev_shm(monkeypatch):
         train._use_node_shared(small_config("train.node_shared=on"), one_node, window_bytes=100 * 2**20)
     monkeypatch.setattr(train, "_shm_free_bytes", lambda: None)  # no /dev/shm to ask
     assert train._use_node_shared(small_config(), one_node, window_bytes=100 * 2**20) is True
+
+
+# ----------------------------------------------------------------------------- reading crafted files
+
+
+def write_zip(path, members: dict[str, tuple[bytes, int, int]]) -> None:
+    """Hand-write a zip: member name -> (raw bytes, method, the uncompressed size it declares).
+
+    Stored members get their real CRC; deflated ones CRC 0 (a reader that checks sizes
+    first never decompresses them). A name may repeat if given as ``name#k``.
+    """
+    out, central = bytearray(), bytearray()
+    for key, (data, method, size) in members.items():
+        name = key.split("#")[0].encode()
+        crc = zlib.crc32(data) if method == zipfile.ZIP_STORED else 0
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, method, 0, 0, crc, len(data), size,
+                               len(name), 0, 0, 0, 0, 0, len(out)) + name
+        out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0, crc, len(data), size, len(name), 0)
+        out += name + data
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(central), len(out), 0)
+    path.write_bytes(bytes(out + central + end))
+
+
+def npy_header(shape: tuple[int, ...], descr: str = "<f8") -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def stored(data: bytes, size: int | None = None) -> tuple[bytes, int, int]:
+    return data, zipfile.ZIP_STORED, len(data) if size is None else size
+
+
+def real_members(path) -> dict[str, tuple[bytes, int, int]]:
+    with zipfile.ZipFile(path) as zf:
+        return {name: stored(zf.read(name)) for name in zf.namelist()}
+
+
+def refused_unread(path, match: str, limit: int = 1 << 20) -> None:
+    """load_checkpoint refuses ``path`` with ``match`` while allocating less than ``limit`` bytes."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError) as info:
+            ckpt.load_checkpoint(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < limit, f"{peak} bytes allocated while refusing {path.name}: {info.value}"
+    assert re.search(match, str(info.value)), str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_decompression_bomb_is_refused_before_decompressing(saved_run, tmp_path):
+    """3 MB on disk, 3 GiB of zeros declared in ``params``: refused from the zip directory alone."""
+    _, run_dir, _ = saved_run
+    members = real_members(ckpt.periodic_checkpoints(run_dir / "checkpoints")[-1])
+    n = 3 * 2**30 // 8
+    header = npy_header((n,))
+    co = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = co.compress(header) + co.flush(zlib.Z_FULL_FLUSH)
+    mib = bytes(1 << 20)  # after a full flush, every MiB of zeros compresses to the same bytes
+    piece = co.compress(mib) + co.flush(zlib.Z_FULL_FLUSH)
+    stream = head + piece * 3072 + co.flush()
+    members["params.npy"] = (stream, zipfile.ZIP_DEFLATED, len(header) + 8 * n)
+    bomb = tmp_path / "bomb.npz"
+    write_zip(bomb, members)
+    assert bomb.stat().st_size < 4 << 20
+    refused_unread(bomb, r"\['params'\] are compressed")
+
+
+def test_sizes_the_zip_directory_cannot_hold_are_refused(saved_run, tmp_path):
+    _, run_dir, _ = saved_run
+    members = real_members(ckpt.periodic_checkpoints(run_dir / "checkpoints")[-1])
+    data = members["params.npy"][0]
+    members["params.npy"] = stored(data, size=3 * 2**30)  # the directory claims 3 GiB of stored bytes
+    write_zip(tmp_path / "liar.npz", members)
+    refused_unread(tmp_path / "liar.npz", r"declares 32\d+ bytes of members in a \d+-byte file")
+
+
+def test_metadata_over_the_limit_is_refused_before_parsing(saved_run, tmp_path, monkeypatch):
+    _, run_dir, _ = saved_run
+    path = ckpt.periodic_checkpoints(run_dir / "checkpoints")[-1]
+    monkeypatch.setattr(ckpt, "META_MAX_BYTES", 1000)  # real metadata here is a few kB
+    monkeypatch.setattr(ckpt.json, "loads", lambda *a, **k: pytest.fail("metadata parsed"))
+    refused_unread(path, r"metadata of \d+ bytes is over the 1000-byte limit")
+
+
+def crafted(saved_run, tmp_path, edit) -> object:
+    """A checkpoint with a VALID checksum whose arrays/metadata ``edit(arrays, meta)`` changed."""
+    _, run_dir, _ = saved_run
+    arrays, meta = ckpt.load_checkpoint(ckpt.periodic_checkpoints(run_dir / "checkpoints")[-1])
+    edit(arrays, meta)
+    path = tmp_path / "crafted.npz"
+    ckpt.atomic_write_npz(path, arrays, meta)
+    return path
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda a, m: a.update(extra=np.zeros(3)), r"unexpected member\(s\) \['extra'\]"),
+    (lambda a, m: a.pop("optim_v"), r"missing array\(s\) \['optim_v'\]"),
+    (lambda a, m: a.update(params=a["params"].astype(np.float32)),
+     r"array 'params' is \(123,\) float32; its metadata implies \(123,\) float64"),
+    (lambda a, m: a.update(norm_shift=a["norm_shift"][:1]), r"array 'norm_shift' is \(1,\) float64; .* \(2,\)"),
+    (lambda a, m: a.update(optim_t=np.array([3])), r"array 'optim_t' is \(1,\) int64; .* \(\) int64"),
+    (lambda a, m: a.update(params=a["params"].astype(object)), r"array 'params.npy' declares shape \(123,\) object"),
+    (lambda a, m: m.update(normalize="none"), r"unexpected member\(s\) \['norm_scale', 'norm_shift'\]"),
+    (lambda a, m: m["model"].update(sizes=[2, 10**5, 10**5, 3]), r"describes arrays of \d+ bytes, more than the whole"),
+    (lambda a, m: m["model"].update(sizes=[2, 0, 3]), "malformed checkpoint metadata .*positive integers"),
+    (lambda a, m: m["optimizer"].update(name="lbfgs"), "malformed checkpoint metadata .*unknown optimizer"),
+])
+def test_members_that_do_not_fit_the_metadata_are_refused_unread(saved_run, tmp_path, edit, match):
+    refused_unread(crafted(saved_run, tmp_path, edit), match)
+
+
+@pytest.mark.parametrize("change,match", [
+    ("huge-header", r"array 'params.npy' declares shape \(1000000000,\) float64 \(8000000000 bytes\) but holds"),
+    ("duplicate", r"unexpected member\(s\) \['params.npy'\]"),
+    ("not-npy", r"unexpected member\(s\) \['params.bin'\]"),
+    ("two-sizes", r"gives stored member\(s\) \['params'\] two different sizes"),
+])
+def test_forged_zip_members_are_refused_unread(saved_run, tmp_path, change, match):
+    _, run_dir, _ = saved_run
+    members = real_members(ckpt.periodic_checkpoints(run_dir / "checkpoints")[-1])
+    if change == "huge-header":  # a header promising 8 GB in a member of a few hundred bytes
+        members["params.npy"] = stored(npy_header((10**9,)) + bytes(64))
+    elif change == "two-sizes":  # fewer bytes declared than stored: each size alone fits the file
+        members["params.npy"] = stored(members["params.npy"][0], size=len(members["params.npy"][0]) - 8)
+    elif change == "duplicate":
+        members["params.npy#2"] = members["params.npy"]
+    else:
+        members["params.bin"] = members.pop("params.npy")
+    write_zip(tmp_path / "forged.npz", members)
+    refused_unread(tmp_path / "forged.npz", match)
+
+
+def test_resume_checks_the_model_before_reading_any_array(saved_run, monkeypatch):
+    cfg, run_dir, _ = saved_run
+    real = ckpt._read_arrays
+
+    def metadata_only(zf, members):
+        assert set(members) == {"meta"}, f"read {sorted(members)} before the model check"
+        return real(zf, members)
+
+    monkeypatch.setattr(ckpt, "_read_arrays", metadata_only)
+    other = small_config("train.epochs=3", "model.layers=[2,9,8,3]")
+    with pytest.raises(DpbpError, match=r"holds a different model \(sizes"):
+        trainer(other).restore(ckpt.periodic_checkpoints(run_dir / "checkpoints")[-1])
+
+
+# ----------------------------------------------------------------------------- checkpoints as models
+
+
+def test_format_1_checkpoint_still_resumes_exactly(saved_run, tmp_path):
+    cfg, run_dir, result = saved_run
+    mid = [p for p in ckpt.periodic_checkpoints(run_dir / "checkpoints") if int(p.stem[5:]) % 16][1]
+    resumed = trainer(cfg)
+    resumed.restore(as_format_1(mid, tmp_path / "v1.npz"))
+    assert 0 < resumed.state.step_in_epoch
+    np.testing.assert_array_equal(resumed.run().model.params, result.model.params)
+
+
+def test_format_1_checkpoint_is_a_model_only_without_normalisation(saved_run, tmp_path):
+    _, run_dir, _ = saved_run
+    path = ckpt.periodic_checkpoints(run_dir / "checkpoints")[-1]
+    with pytest.raises(CheckpointError, match=r"v1.npz is a format-1 checkpoint: it does not store the input "
+                                              r"normaliser \('standard'\) .* cannot be used as a model"):
+        ckpt.load_model(as_format_1(path, tmp_path / "v1.npz"))
+    plain = ckpt.load_model(as_format_1(path, tmp_path / "v1-none.npz", normalize="none"))
+    np.testing.assert_array_equal(plain.params, ckpt.load_checkpoint(path)[0]["params"])
+
+
+@pytest.mark.parametrize("which", ["best", "mid-epoch step"])
+def test_any_checkpoint_is_a_model_taking_raw_inputs(saved_run, which):
+    cfg, run_dir, _ = saved_run
+    folder = run_dir / "checkpoints"
+    path = folder / ckpt.BEST_NAME if which == "best" else [
+        p for p in ckpt.periodic_checkpoints(folder) if int(p.stem[5:]) % 16][0]
+    arrays, meta = ckpt.load_checkpoint(path)
+    fitted = prepare_data(cfg).normalizer  # fitted again here, not read from the file
+    net, inputs = ckpt.load_network(path)
+    np.testing.assert_array_equal(net.params, arrays["params"])
+    np.testing.assert_array_equal(inputs.shift, fitted.shift)
+    np.testing.assert_array_equal(inputs.scale, fitted.scale)
+    x = np.random.default_rng(1).normal(3.0, 2.0, size=(64, 2))  # raw inputs, far from normalised
+    expected = net.predict(fitted.apply(x))
+    assert not np.allclose(net.predict(x), expected, rtol=1e-3)  # the normaliser matters here
+    np.testing.assert_allclose(ckpt.load_model(path).predict(x), expected, rtol=1e-12, atol=1e-15)
+    with pytest.raises(CheckpointError, match="not a dpbp training checkpoint"):
+        ckpt.load_checkpoint(run_dir / "model.npz")

@@ -438,6 +438,58 @@ def test_predict_unwritable_output(tmp_path, trained, features, target):
     assert not (tmp_path / target).exists()
 
 
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory) -> Path:
+    """Run directory of a small float32 run with a checkpoint every 3 steps (5 steps per epoch)."""
+    run_dir = tmp_path_factory.mktemp("checkpointed")
+    train_small(run_dir, "--set", "checkpoint.every_steps=3", "--set", "checkpoint.keep=100")
+    return run_dir
+
+
+def checkpoint_reference(run_dir: Path, path: Path):
+    """The checkpoint's network built here from its parameters, and the normaliser the run fitted."""
+    from dpbp import MLP
+    from dpbp import checkpoint as ckpt
+    from dpbp.train import prepare_data
+
+    arrays, meta = ckpt.load_checkpoint(path)
+    net = MLP(**meta["model"])
+    net.params[...] = arrays["params"]
+    return net, prepare_data(load_config(str(run_dir / "config.toml"))).normalizer
+
+
+@pytest.mark.parametrize("name", ["best.npz", "step-000000003.npz"])  # best, and mid-epoch 1 of 2
+def test_evaluate_and_predict_accept_any_checkpoint(tmp_path, checkpointed, features, name):
+    from dpbp.comm import SerialComm
+    from dpbp.train import evaluate
+
+    path = checkpointed / "checkpoints" / name
+    net, fitted = checkpoint_reference(checkpointed, path)
+    result = invoke("evaluate", "--model", path, "--data", "spirals:n=300", "--json")
+    assert result.exit_code == 0, result.output
+    ds = load_source("spirals:n=300", dtype="float32")
+    ds.x = fitted.apply(ds.x)
+    expected = evaluate(net, ds, SerialComm())
+    report = json.loads(result.stdout)
+    assert (report["loss"], report["accuracy"], report["n"]) == (expected["loss"], expected["accuracy"], SMALL_ROWS)
+
+    x_path, x = features
+    result = invoke("predict", "--model", path, "--input", x_path, "--output", tmp_path / "p.npy")
+    assert result.exit_code == 0, result.output
+    got = np.load(tmp_path / "p.npy")
+    np.testing.assert_array_equal(got, net.predict(fitted.apply(x)))
+    assert not np.allclose(got, net.predict(x), atol=1e-3)  # without the normaliser the numbers differ
+
+
+def test_format_1_checkpoint_is_one_error_as_a_model(tmp_path, checkpointed):
+    from helpers import as_format_1
+
+    old = as_format_1(checkpointed / "checkpoints" / "best.npz", tmp_path / "old.npz")
+    proc = dpbp_proc("evaluate", "--model", old, "--data", "spirals:n=300")
+    one_error_line(proc.returncode, proc.stderr, "old.npz", "format-1 checkpoint", "normaliser ('standard')")
+    assert proc.stdout == ""
+
+
 # ----------------------------------------------------------------------------- 8. without mpi4py
 
 

@@ -321,7 +321,7 @@ def test_restore_best_makes_the_final_model_the_best_one(tmp_path):
     best_epoch = min(history, key=lambda r: r["val_loss"])
     assert best_epoch["epoch"] != history[-1]["epoch"], "pick a run whose last epoch is not its best"
     assert f"restored the best model: epoch {best_epoch['epoch']}" in result.output
-    model_meta = ckpt.read_npz(run_dir / "model.npz", "model")[1]
+    model_meta = ckpt.read_meta(run_dir / "model.npz", "model")
     assert model_meta["run"]["restored_best"] == meta["run"]["seq"]
     assert model_meta["final"]["val_loss"] == pytest.approx(best_epoch["val_loss"], rel=1e-12)
     assert invoke("train", *SMALL, "--set", "checkpoint.restore_best=true", "--set",
