@@ -8,6 +8,7 @@ rank ends every rank.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -46,15 +47,14 @@ def collective(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from dpbp.comm import CommError, get_comm
+        from dpbp.comm import CommError, get_comm, launcher_rank
         from dpbp.errors import DpbpError
 
         try:
             comm = get_comm()
         except CommError as exc:
             # No communicator yet: rank 0 (by the launcher's variables) alone reports it.
-            rank = os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "0"
-            if rank == "0":
+            if launcher_rank() in (None, 0):
                 click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         try:
@@ -100,7 +100,33 @@ def one_process(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _launcher_root() -> bool:
+    """True unless an MPI launcher started this process as a rank other than 0 (MPI is not started)."""
+    from dpbp.comm import launcher_rank
+
+    return launcher_rank() in (None, 0)
+
+
+class _RootPrintsParsing:
+    """While click parses a command line (where --help and --version print), only the launcher's rank 0 prints."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        if _launcher_root():
+            return super().make_context(info_name, args, parent, **extra)
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            return super().make_context(info_name, args, parent, **extra)
+
+
+class _Command(_RootPrintsParsing, click.Command):
+    pass
+
+
+class _Group(_RootPrintsParsing, click.Group):
+    command_class = _Command
+    group_class = type  # subgroups (dpbp config) are _Group as well
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="dpbp")
 def main():
     """dpbp: data-parallel backpropagation for multilayer perceptrons.
@@ -441,5 +467,33 @@ def info(comm):
         echo(f"BLAS          {lib['library']} {lib['version']} ({lib['path']})")
 
 
+def entry(args: list[str] | None = None) -> None:
+    """The ``dpbp`` command (console script and ``python -m dpbp.cli``): ``main`` run so that every rank agrees.
+
+    Under mpirun every rank parses the same command line; click's usage errors, help
+    and version are printed by the launcher's rank 0 alone (found from the launcher's
+    environment, without starting MPI), and every rank exits with click's code: 2 for
+    a usage error, 0 for help and version, 1 for an interrupt during parsing.
+    Never returns: exits the process.
+    """
+    root = _launcher_root()
+    try:
+        code = main.main(args, prog_name="dpbp", standalone_mode=False)
+    except click.ClickException as exc:
+        if root:
+            exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        if root:
+            click.echo("Aborted!", err=True)
+        sys.exit(1)
+    except BrokenPipeError:  # a reader went away while click wrote (dpbp --help | head -1), as click does
+        from dpbp.progress import drop_stdout
+
+        drop_stdout()
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # an int here is an Exit's code (--help, --version)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    entry()
