@@ -32,8 +32,10 @@ Examples:
 
 
 def _echo(comm):
-    """print() on rank 0, nothing elsewhere."""
-    return (lambda text: click.echo(text)) if comm.is_root else (lambda text: None)
+    """print() on rank 0 (dropped silently once stdout is closed: ``dpbp train | head``), nothing elsewhere."""
+    from dpbp.progress import echo
+
+    return echo if comm.is_root else (lambda text: None)
 
 
 def collective(fn):
