@@ -155,7 +155,7 @@ def _option_overrides(overrides, **options) -> list[str]:
 
 def _load_config(comm, config_file, overrides, base=None):
     from dpbp.config import config_hash, load_config
-    from dpbp.train import AgreedError, all_or_nothing
+    from dpbp.train import AgreedError, all_or_nothing, check_memory
 
     cfg = all_or_nothing(comm, lambda: load_config(config_file, overrides, base=base), "reading the config")
     hashes = comm.allgather_obj(config_hash(cfg))  # DP: every rank must run the same config
@@ -163,6 +163,8 @@ def _load_config(comm, config_file, overrides, base=None):
     if differ:
         raise AgreedError(f"rank(s) {differ} started with a different config than rank 0 "
                           "(check that every node reads the same config file and options)", 2)
+    # Before anything is allocated or written: a model or built-in data set too large for memory.
+    all_or_nothing(comm, lambda: check_memory(cfg), "estimating the memory needed")
     return cfg
 
 

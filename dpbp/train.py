@@ -31,6 +31,7 @@ import numpy as np
 from dpbp import checkpoint as ckpt
 from dpbp import config as config_mod
 from dpbp import data as data_mod
+from dpbp import memory
 from dpbp.checkpoint import save_model
 from dpbp.config import Config
 from dpbp.errors import CheckpointError, ConfigError, DpbpError, SaveError
@@ -167,8 +168,24 @@ def _check_layers_fit(cfg: Config, train: data_mod.Dataset) -> None:
         )
 
 
+def check_memory(cfg: Config) -> None:
+    """Refuse, before anything is allocated, a config whose built-in data sets or model cannot fit in memory.
+
+    Raises DataError naming the data key, or ConfigError on model.layers (estimates
+    and sources of the available figure: see dpbp.memory). Run it on every rank before
+    the run directory is written; files are not checked here.
+    """
+    d, m = cfg.data, cfg.model
+    for key, source in (("data.train", d.train), ("data.val", d.val), ("data.test", d.test)):
+        if source:
+            data_mod.check_memory(source, dtype=m.dtype, key=key)
+    memory.check_model(cfg)
+
+
 def build_model(cfg: Config) -> MLP:
+    """The configured MLP with its initial weights; ConfigError (model.layers) if it cannot fit in memory."""
     m = cfg.model
+    memory.check_model(cfg)  # before allocating: a MemoryError or the OOM killer tells the user nothing
     return MLP(m.layers, activation=m.activation, output=m.output, loss=m.loss,
                init=m.init, dtype=m.dtype, seed=cfg.train.seed)
 
@@ -414,7 +431,7 @@ class Trainer:
         self.stop_requested = stop_requested or (lambda: False)
         self.stop_reason: Callable[[], str] = lambda: "a stop signal"
         self.data = data if data is not None else all_or_nothing(comm, lambda: prepare_data(cfg), "loading data")
-        self.model = build_model(cfg)
+        self.model = all_or_nothing(comm, lambda: build_model(cfg), "building the model")
         check_in_sync(comm, self.model.params, "at start-up")  # DP: same seed must mean same weights
         self.optimizer = build_optimizer(cfg, self.model)
         n = self.data.train.n_samples
