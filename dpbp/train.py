@@ -16,6 +16,7 @@ parameters and optimizer state; node barriers separate the phases.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -738,9 +739,9 @@ class Trainer:
             val = evaluate(self.model, self.data.val, self.comm)
             record["val_loss"], record["val_accuracy"] = val["loss"], val["accuracy"]
         self.history.append(record)
-        if self.comm.is_root and self.run_dir is not None:
-            with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+        if self.run_dir is not None:  # DP: a full disk on rank 0 ends every rank with one message
+            all_or_nothing(self.comm, lambda: append_metrics(self.run_dir, record) if self.comm.is_root else None,
+                           "appending to metrics.jsonl")
         st.epoch += 1
         st.step_in_epoch = 0
         st.epoch_loss_sum = st.epoch_correct = st.epoch_count = 0.0
@@ -899,6 +900,34 @@ class Trainer:
 
 def _flatten(d: dict) -> dict:
     return {f"{section}.{key}": value for section, table in d.items() for key, value in table.items()}
+
+
+METRICS_NAME = "metrics.jsonl"
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    """Rank 0: append ``record`` as one JSON line to ``run_dir/metrics.jsonl`` (created if missing).
+
+    One ``write`` with O_APPEND, so a reader never sees half a line from a live run
+    unless the disk fills mid-line. Never writes through a symlink (O_NOFOLLOW).
+    Raises SaveError with one line naming the file on any OSError (full disk, quota,
+    I/O error, read-only or vanished folder).
+    """
+    path = Path(run_dir) / METRICS_NAME
+    data = (json.dumps(record) + "\n").encode()
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        reason = ("it is a symbolic link (dpbp never writes through one)"
+                  if exc.errno == errno.ELOOP else exc.strerror or str(exc))
+        raise SaveError(f"cannot append to {path}: {reason}") from None
 
 
 def write_resolved_config(cfg: Config, run_dir: Path, fresh: bool = True) -> None:
