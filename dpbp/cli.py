@@ -8,6 +8,7 @@ rank ends every rank.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -31,8 +32,10 @@ Examples:
 
 
 def _echo(comm):
-    """print() on rank 0, nothing elsewhere."""
-    return (lambda text: click.echo(text)) if comm.is_root else (lambda text: None)
+    """print() on rank 0 (dropped silently once stdout is closed: ``dpbp train | head``), nothing elsewhere."""
+    from dpbp.progress import echo
+
+    return echo if comm.is_root else (lambda text: None)
 
 
 def collective(fn):
@@ -46,15 +49,14 @@ def collective(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from dpbp.comm import CommError, get_comm
+        from dpbp.comm import CommError, get_comm, launcher_rank
         from dpbp.errors import DpbpError
 
         try:
             comm = get_comm()
         except CommError as exc:
             # No communicator yet: rank 0 (by the launcher's variables) alone reports it.
-            rank = os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "0"
-            if rank == "0":
+            if launcher_rank() in (None, 0):
                 click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         try:
@@ -100,7 +102,33 @@ def one_process(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _launcher_root() -> bool:
+    """True unless an MPI launcher started this process as a rank other than 0 (MPI is not started)."""
+    from dpbp.comm import launcher_rank
+
+    return launcher_rank() in (None, 0)
+
+
+class _RootPrintsParsing:
+    """While click parses a command line (where --help and --version print), only the launcher's rank 0 prints."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        if _launcher_root():
+            return super().make_context(info_name, args, parent, **extra)
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            return super().make_context(info_name, args, parent, **extra)
+
+
+class _Command(_RootPrintsParsing, click.Command):
+    pass
+
+
+class _Group(_RootPrintsParsing, click.Group):
+    command_class = _Command
+    group_class = type  # subgroups (dpbp config) are _Group as well
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="dpbp")
 def main():
     """dpbp: data-parallel backpropagation for multilayer perceptrons.
@@ -127,7 +155,7 @@ def _option_overrides(overrides, **options) -> list[str]:
 
 def _load_config(comm, config_file, overrides, base=None):
     from dpbp.config import config_hash, load_config
-    from dpbp.train import AgreedError, all_or_nothing
+    from dpbp.train import AgreedError, all_or_nothing, check_memory
 
     cfg = all_or_nothing(comm, lambda: load_config(config_file, overrides, base=base), "reading the config")
     hashes = comm.allgather_obj(config_hash(cfg))  # DP: every rank must run the same config
@@ -135,6 +163,8 @@ def _load_config(comm, config_file, overrides, base=None):
     if differ:
         raise AgreedError(f"rank(s) {differ} started with a different config than rank 0 "
                           "(check that every node reads the same config file and options)", 2)
+    # Before anything is allocated or written: a model or built-in data set too large for memory.
+    all_or_nothing(comm, lambda: check_memory(cfg), "estimating the memory needed")
     return cfg
 
 
@@ -521,5 +551,33 @@ def info(comm):
         echo(f"BLAS          {lib['library']} {lib['version']} ({lib['path']})")
 
 
+def entry(args: list[str] | None = None) -> None:
+    """The ``dpbp`` command (console script and ``python -m dpbp.cli``): ``main`` run so that every rank agrees.
+
+    Under mpirun every rank parses the same command line; click's usage errors, help
+    and version are printed by the launcher's rank 0 alone (found from the launcher's
+    environment, without starting MPI), and every rank exits with click's code: 2 for
+    a usage error, 0 for help and version, 1 for an interrupt during parsing.
+    Never returns: exits the process.
+    """
+    root = _launcher_root()
+    try:
+        code = main.main(args, prog_name="dpbp", standalone_mode=False)
+    except click.ClickException as exc:
+        if root:
+            exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        if root:
+            click.echo("Aborted!", err=True)
+        sys.exit(1)
+    except BrokenPipeError:  # a reader went away while click wrote (dpbp --help | head -1), as click does
+        from dpbp.progress import drop_stdout
+
+        drop_stdout()
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # an int here is an Exit's code (--help, --version)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    entry()

@@ -368,6 +368,36 @@ def launched_by_mpi(environ=None) -> bool:
     return any(k in env for k in LAUNCHER_VARS)
 
 
+# The rank, and the number of ranks on this node, as the launchers announce them (first match wins).
+RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+
+
+def _first_int(env, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        try:
+            return int(env[name])
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
+def launcher_rank(environ=None) -> int | None:
+    """This process's rank as its launcher announced it, without initialising MPI.
+
+    Reads ``RANK_VARS`` (MPICH/hydra, Open MPI, PMIx, Slurm); None when no launcher
+    set one (a plain single process). For deciding who prints before a communicator
+    exists (command-line errors, help); everything else uses ``comm.rank``.
+    """
+    return _first_int(os.environ if environ is None else environ, RANK_VARS)
+
+
+def launcher_local_size(environ=None) -> int:
+    """How many ranks the launcher started on this node (1 when it did not say), without MPI."""
+    local = _first_int(os.environ if environ is None else environ, LOCAL_SIZE_VARS)
+    return local if local is not None and local >= 1 else 1
+
+
 class CommError(RuntimeError):
     """MPI was asked for but cannot be used."""
 

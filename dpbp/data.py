@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpbp import memory
 from dpbp.errors import CheckpointError, DataError
 
 __all__ = [
@@ -54,7 +55,9 @@ __all__ = [
     "Dataset",
     "Normalizer",
     "batch_bounds",
+    "builtin_bytes",
     "builtin_names",
+    "check_memory",
     "epoch_permutation",
     "gather_rows",
     "load_features",
@@ -161,22 +164,49 @@ def _make_highdim(seed: int, n: int, d: int, classes: int) -> tuple[np.ndarray, 
     return x, cluster % classes
 
 
+def _xor_bytes(itemsize: int, repeat: int) -> int:
+    """Peak bytes of ``_make_xor`` and its cast: float64 tiles, then x and y in the data's dtype."""
+    rows = 4 * repeat
+    return rows * 3 * (8 + (itemsize if itemsize != 8 else 0))
+
+
+def _spirals_bytes(itemsize: int, n: int, classes: int, noise: float, turns: float) -> int:
+    """Peak bytes of ``_make_spirals``: labels, radius, angle, two coordinates and the stacked pair."""
+    return n * 8 * 8
+
+
+def _highdim_bytes(itemsize: int, n: int, d: int, classes: int) -> int:
+    """Peak bytes of ``_make_highdim`` and its cast.
+
+    The centres (with their broadcast product), cluster ids and labels, the float32
+    features and one block of noise, plus the float64 copy of the features if asked for.
+    """
+    rank, centres = min(_HD_RANK, d), classes * _HD_SUB
+    setup = 8 * d * (rank + centres * rank + centres)
+    return setup + n * d * (4 + (itemsize if itemsize != 4 else 0)) + 16 * n + min(n, 4096) * d * 4
+
+
 @dataclass(frozen=True)
 class _Builtin:
     make: Callable[..., tuple[np.ndarray, np.ndarray]]
     params: dict[str, tuple[int | float, int | float]]  # name -> (default, inclusive minimum)
     summary: str
+    peak_bytes: Callable[..., int]  # (itemsize, **params) -> bytes its generation peaks at
+    shape: Callable[..., tuple[int, int, bool]]  # (**params) -> rows, features, float targets?
 
 
 _BUILTINS: dict[str, _Builtin] = {
     "xor": _Builtin(_make_xor, {"repeat": (1, 1)},
-                    "the 4 XOR points, float targets (4*repeat, 1)"),
+                    "the 4 XOR points, float targets (4*repeat, 1)",
+                    _xor_bytes, lambda repeat: (4 * repeat, 2, True)),
     "spirals": _Builtin(_make_spirals,
                         {"n": (3000, 1), "classes": (3, 2), "noise": (0.2, 0.0),
                          "turns": (1.0, 0.0)},
-                        "2-D interleaved spiral arms, int class ids"),
+                        "2-D interleaved spiral arms, int class ids",
+                        _spirals_bytes, lambda n, **_: (n, 2, False)),
     "highdim": _Builtin(_make_highdim, {"n": (60000, 1), "d": (100, 1), "classes": (10, 2)},
-                        "Gaussian sub-clusters in a low-rank subspace of d-D, int class ids"),
+                        "Gaussian sub-clusters in a low-rank subspace of d-D, int class ids",
+                        _highdim_bytes, lambda n, d, classes: (n, d, False)),
 }
 
 
@@ -196,8 +226,8 @@ def _forms_hint() -> str:
             + ". Built-ins: " + ", ".join(builtin_names()))
 
 
-def _load_builtin(name: str, text: str, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """Parse ``k=v,...`` against the built-in's parameter table and generate it."""
+def _builtin_values(name: str, text: str) -> dict[str, int | float]:
+    """Parse ``k=v,...`` against the built-in's parameter table; defaults for the rest."""
     spec = _BUILTINS[name]
     values = {k: v[0] for k, v in spec.params.items()}
     given: set[str] = set()
@@ -219,8 +249,53 @@ def _load_builtin(name: str, text: str, seed: int) -> tuple[np.ndarray, np.ndarr
             raise DataError(f"built-in {name!r}: {key} must be >= {minimum}, found {raw!r}")
         values[key] = value
         given.add(key)
-    x, y = spec.make(seed, **values)
+    return values
+
+
+def builtin_bytes(source: str, dtype="float32") -> int | None:
+    """Bytes of memory loading built-in ``source`` takes on one rank, or None for other sources.
+
+    The larger of the generator's peak (x, y and its float64 temporaries; see the
+    ``*_bytes`` functions) and twice the finished x and y (the train/validation split
+    and the normalisation each copy them once) plus the masks of the checks. Raises
+    DataError for bad parameters.
+    """
+    name, _, params = source.strip().partition(":")
+    if name not in _BUILTINS:
+        return None
+    return _builtin_need(_BUILTINS[name], _builtin_values(name, params), _float_dtype(dtype).itemsize)
+
+
+def _builtin_need(spec: _Builtin, values: dict, itemsize: int) -> int:
+    rows, features, float_targets = spec.shape(**values)
+    final = rows * (features * itemsize + (itemsize if float_targets else 8))  # x, and y as targets or int64 ids
+    # DataError checks and the split's row masks: up to one byte per value and two per row on top of the copy.
+    return max(spec.peak_bytes(itemsize, **values), 2 * final + rows * (features + 8))
+
+
+_BUILTIN_COUNTS = "generating it, then x and y copied once"
+
+
+def check_memory(source: str, *, dtype="float32", key: str = "") -> None:
+    """Raise DataError if built-in ``source`` cannot be generated in the memory available (see dpbp.memory).
+
+    Other sources are not checked here. ``key`` (``data.train``) names the config key in the message.
+    """
+    need = builtin_bytes(source, dtype)
+    if need is not None:
+        memory.check_data(f"{key}: {source!r}" if key else repr(source), need, _BUILTIN_COUNTS)
+
+
+def _load_builtin(name: str, text: str, seed: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, str]:
+    """Parse ``k=v,...`` against the built-in's parameter table and generate it.
+
+    Refuses (DataError) before generating a data set that cannot fit in memory.
+    """
+    spec = _BUILTINS[name]
+    values = _builtin_values(name, text)
     label = f"{name}:" + ",".join(f"{k}={v}" for k, v in values.items()) + f" (seed {seed})"
+    memory.check_data(f"built-in {label}", _builtin_need(spec, values, dtype.itemsize), _BUILTIN_COUNTS)
+    x, y = spec.make(seed, **values)
     return x, y, label
 
 
@@ -546,7 +621,7 @@ def load_source(source: str, *, dtype="float32", label_column="last", seed=0) ->
         raise DataError(f"data source is empty; {_forms_hint()}")
     name, colon, params = text.partition(":")
     if name in _BUILTINS:
-        x, y, label = _load_builtin(name, params, int(seed))
+        x, y, label = _load_builtin(name, params, int(seed), dt)
         return _assemble(x, y, label, dt)
     if colon and re.fullmatch(r"[A-Za-z_][\w-]+", name) and not os.path.exists(text):
         raise DataError(f"unknown built-in {name!r} in source {source!r}; "

@@ -6,9 +6,48 @@ printed as a plain line every ``log_every`` steps, so logs stay readable.
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import time
 from collections.abc import Callable
+
+
+def drop_stdout() -> None:
+    """Send everything this process writes to stdout from now on to /dev/null.
+
+    For when the reader went away (``dpbp train | head -1``, a closed terminal):
+    training goes on silently, and the interpreter's final flush of what is still
+    buffered cannot fail either. Mutates file descriptor 1 (or ``sys.stdout`` when it
+    has none, as under click's CliRunner).
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is an OSError
+        sys.stdout = open(os.devnull, "w")  # lives as long as the process
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def write_stdout(text: str) -> None:
+    """Write ``text`` to stdout and flush; once stdout is gone, drop it and all later output silently.
+
+    Gone: the reader of a pipe went away (EPIPE) or the terminal hung up (EIO).
+    """
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as exc:
+        if exc.errno not in (errno.EPIPE, errno.EIO):
+            raise
+        drop_stdout()
+
+
+def echo(text: str) -> None:
+    """Print one line on stdout (rank 0's output), surviving a closed stdout like ``write_stdout``."""
+    write_stdout(text + "\n")
 
 
 def format_seconds(seconds: float) -> str:
@@ -56,16 +95,14 @@ class Progress:
         line = (f"epoch {epoch + 1}/{self.epochs} step {step_in_epoch}/{self.steps_per_epoch} "
                 f"loss {loss:.4f} {format_rate(rate)} samples/s ETA {format_seconds(eta)}")
         if self.tty:
-            sys.stdout.write("\r" + line.ljust(78))
-            sys.stdout.flush()
+            write_stdout("\r" + line.ljust(78))
         else:
             self.echo(line)
 
     def clear(self) -> None:
         """Erase a redrawn progress line before other output."""
         if self.tty:
-            sys.stdout.write("\r" + " " * 78 + "\r")
-            sys.stdout.flush()
+            write_stdout("\r" + " " * 78 + "\r")
 
     def epoch_summary(self, r: dict) -> None:
         if not self.enabled:

@@ -16,6 +16,7 @@ parameters and optimizer state; node barriers separate the phases.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -32,6 +33,7 @@ import numpy as np
 from dpbp import checkpoint as ckpt
 from dpbp import config as config_mod
 from dpbp import data as data_mod
+from dpbp import memory
 from dpbp import rundir as rundir_mod
 from dpbp.checkpoint import save_model
 from dpbp.config import Config
@@ -206,8 +208,24 @@ def _check_layers_fit(cfg: Config, train: data_mod.Dataset) -> None:
         )
 
 
+def check_memory(cfg: Config) -> None:
+    """Refuse, before anything is allocated, a config whose built-in data sets or model cannot fit in memory.
+
+    Raises DataError naming the data key, or ConfigError on model.layers (estimates
+    and sources of the available figure: see dpbp.memory). Run it on every rank before
+    the run directory is written; files are not checked here.
+    """
+    d, m = cfg.data, cfg.model
+    for key, source in (("data.train", d.train), ("data.val", d.val), ("data.test", d.test)):
+        if source:
+            data_mod.check_memory(source, dtype=m.dtype, key=key)
+    memory.check_model(cfg)
+
+
 def build_model(cfg: Config) -> MLP:
+    """The configured MLP with its initial weights; ConfigError (model.layers) if it cannot fit in memory."""
     m = cfg.model
+    memory.check_model(cfg)  # before allocating: a MemoryError or the OOM killer tells the user nothing
     return MLP(m.layers, activation=m.activation, output=m.output, loss=m.loss,
                init=m.init, dtype=m.dtype, seed=cfg.train.seed)
 
@@ -454,7 +472,7 @@ class Trainer:
         self.stop_reason: Callable[[], str] = lambda: "a stop signal"
         self.data = data if data is not None else all_or_nothing(comm, lambda: prepare_data(cfg), "loading data")
         self._digests = check_data_agrees(comm, self.data)  # DP: before anything depends on the row counts
-        self.model = build_model(cfg)
+        self.model = all_or_nothing(comm, lambda: build_model(cfg), "building the model")
         check_in_sync(comm, self.model.params, "at start-up")  # DP: same seed must mean same weights
         self.optimizer = build_optimizer(cfg, self.model)
         n = self.data.train.n_samples
@@ -776,9 +794,9 @@ class Trainer:
             val = evaluate(self.model, self.data.val, self.comm)
             record["val_loss"], record["val_accuracy"] = val["loss"], val["accuracy"]
         self.history.append(record)
-        if self.comm.is_root and self.run_dir is not None:
-            with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+        if self.run_dir is not None:  # DP: a full disk on rank 0 ends every rank with one message
+            all_or_nothing(self.comm, lambda: append_metrics(self.run_dir, record) if self.comm.is_root else None,
+                           "appending to metrics.jsonl")
         st.epoch += 1
         st.step_in_epoch = 0
         st.epoch_loss_sum = st.epoch_correct = st.epoch_count = 0.0
@@ -1058,3 +1076,28 @@ class Trainer:
 
 def _flatten(d: dict) -> dict:
     return {f"{section}.{key}": value for section, table in d.items() for key, value in table.items()}
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    """Rank 0: append ``record`` as one JSON line to ``run_dir/metrics.jsonl`` (created if missing).
+
+    One ``write`` with O_APPEND, so a reader never sees half a line from a live run
+    unless the disk fills mid-line. Never writes through a symlink (O_NOFOLLOW).
+    Raises SaveError with one line naming the file on any OSError (full disk, quota,
+    I/O error, read-only or vanished folder).
+    """
+    path = Path(run_dir) / rundir_mod.METRICS_FILE
+    data = (json.dumps(record) + "\n").encode()
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        reason = ("it is a symbolic link (dpbp never writes through one)"
+                  if exc.errno == errno.ELOOP else exc.strerror or str(exc))
+        raise SaveError(f"cannot append to {path}: {reason}") from None
