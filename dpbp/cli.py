@@ -28,6 +28,8 @@ Examples:
   dpbp train --epochs 5 --set train.optimizer=momentum --set train.lr=0.05
   dpbp train -c mnist.toml --run-dir runs/mnist
   mpirun -n 4 dpbp train -c mnist.toml         # same model, 4 ranks
+  dpbp train --run-dir runs/mnist --resume auto                      # continue that run
+  dpbp train --resume runs/mnist/checkpoints/step-000001350.npz --lr 0.001   # a branch
 """
 
 
@@ -339,8 +341,8 @@ def _resume_point(comm, resume: str, given: Path | None):
 
 @main.command(epilog="""\b
 Examples:
-  dpbp evaluate --model runs/dpbp/model.npz --data spirals
-  dpbp evaluate --model runs/dpbp/checkpoints/best.npz --data spirals
+  dpbp evaluate --model runs/run-001/model.npz --data spirals
+  dpbp evaluate --model runs/run-001/checkpoints/best.npz --data spirals
   mpirun -n 2 dpbp evaluate --model m.npz --data t10k-images-idx3-ubyte.gz,t10k-labels-idx1-ubyte.gz --json
 """)
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
@@ -380,8 +382,8 @@ def evaluate(comm, model_path, source, label_column, seed, as_json):
 
 @main.command(epilog="""\b
 Examples:
-  dpbp predict --model runs/dpbp/model.npz --input points.csv --output predictions.csv
-  dpbp predict --model runs/dpbp/checkpoints/step-000000500.npz --input x.npy --output out.npy
+  dpbp predict --model runs/run-001/model.npz --input points.csv --output predictions.csv
+  dpbp predict --model runs/run-001/checkpoints/step-000000500.npz --input x.npy --output out.npy
   mpirun -n 4 dpbp predict --model m.npz --input x.npy --output out.npy
 """)
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
@@ -444,7 +446,7 @@ def _write_predictions(path: str, out) -> None:
 
 @main.command(epilog="""\b
 Examples:
-  dpbp plot runs/dpbp                   # writes runs/dpbp/training.png
+  dpbp plot runs/run-001                   # writes runs/run-001/training.png
   dpbp plot runs/mnist -o mnist.png
 """)
 @click.argument("run_dir", type=click.Path(file_okay=False))
