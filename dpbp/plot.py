@@ -42,7 +42,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     except ImportError:
         raise DpbpError("dpbp plot needs matplotlib: pip install 'dpbp[plot]' (or pip install matplotlib)") from None
     records = read_metrics(run_dir)
-    out = Path(out) if out is not None else Path(run_dir) / "training.png"
+    if out is None:
+        out = Path(run_dir) / "training.png"
+        if out.is_symlink():  # a run directory is never written through a link
+            raise DpbpError(f"{out} is a symbolic link; dpbp does not write through it (give -o FILE)")
+    out = Path(out)
     epochs = [r["epoch"] for r in records]
 
     def series(key):

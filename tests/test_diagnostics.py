@@ -63,3 +63,16 @@ def test_gradcheck_command_reports_every_layer():
     layer_lines = [line for line in result.output.splitlines() if line.strip().startswith("layer ")]
     assert len(layer_lines) == 6
     assert result.output.splitlines()[-1].startswith("ok: worst relative error")
+
+
+def test_plot_never_writes_through_a_link_in_the_run_directory(deep_run, tmp_path):
+    target = tmp_path / "precious.png"
+    target.write_bytes(b"mine")
+    link = deep_run / "training.png"
+    link.symlink_to(target)
+    try:
+        result = CliRunner().invoke(main, ["plot", str(deep_run)])
+        assert result.exit_code == 2 and "symbolic link" in result.output
+        assert target.read_bytes() == b"mine"
+    finally:
+        link.unlink()
