@@ -221,3 +221,20 @@ def test_ranks_with_different_data_are_refused_naming_them(tmp_path, case):
     assert "ranks do not have the same train data: rank(s) [2] differ from rank 0" in proc.stderr
     assert ("different content" if case == "content" else "rank 2 has 53 rows") in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_during_set_up_under_mpirun_exits_75_once_and_writes_nothing(tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([*mpirun(2), sys.executable, "-m", "dpbp.cli", "train", "--set",
+                             "data.train=highdim:n=1500000", "--set", "model.layers=[100,8,10]", "--run-dir",
+                             str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    time.sleep(2.0)  # both ranks are generating 1,500,000 x 100 points (about 4 s)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)  # mpirun forwards it to every rank
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, out + err
+    assert err.count("error:") == 1 and "stopped by SIGTERM before training started" in err, err
+    assert not run_dir.exists()
