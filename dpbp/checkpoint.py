@@ -20,6 +20,7 @@ import zipfile
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -49,17 +50,28 @@ def atomic_write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], met
     The file also holds ``sha256``: the digest of the metadata and every array,
     so any change to either is detected by ``read_npz``.
     """
-    path = Path(path)
     blob = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8)
     payload = {"meta": blob, **arrays}
     digest = np.frombuffer(payload_digest(payload).encode(), np.uint8)
+    atomic_replace(path, lambda fh: np.savez(fh, sha256=digest, **payload))
+
+
+def atomic_replace(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Make ``path`` hold what ``write(fh)`` writes, all or nothing.
+
+    ``write`` fills a temporary file ``.<name>.XXXX.tmp`` in the same folder, which is fsynced
+    and renamed over ``path`` (replacing a symlink there, never writing through it); the
+    rename is fsynced too. A crash leaves either the old file or the new one, plus at most
+    the temporary file (removed at the next start of a run in that folder). Raises OSError.
+    """
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         umask = os.umask(0)
         os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from the user's group
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from the user's group
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, sha256=digest, **payload)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

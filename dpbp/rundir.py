@@ -28,8 +28,8 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,17 +69,8 @@ def now_text() -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a fsynced temporary file and a rename (never through a link)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write UTF-8 ``text`` to ``path`` atomically (``checkpoint.atomic_replace``; never through a link)."""
+    ckpt.atomic_replace(path, lambda fh: fh.write(text.encode()))
 
 
 def read_json(path: Path) -> dict:
@@ -370,7 +361,8 @@ class Resume:
 
 
 def claim(folder: Path, *, command: list[str], resume: Resume | None, overwrite: bool = False,
-          restart: bool = False, numbered: bool = False) -> RunDirectory:
+          restart: bool = False, numbered: bool = False,
+          files: dict[str, str | Callable[[Path], str]] | None = None) -> RunDirectory:
     """Take ``folder`` for a run (rank 0): create it, lock it, check what it holds, record the run.
 
     ``resume``: the checkpoint the run continues from (None: a new run). The folder must then hold
@@ -380,6 +372,8 @@ def claim(folder: Path, *, command: list[str], resume: Resume | None, overwrite:
     run recorded there, which never wrote a checkpoint, starts again). ``numbered``: ``folder``
     is a runs root and a new ``run-NNN`` is made in it. Raises RunDirError (exit 2) when refused,
     SaveError when the folder cannot be written. Temporary files of interrupted saves are removed.
+    ``files``: name -> text (or a function of the folder giving it) written atomically once the
+    folder is claimed, e.g. the resolved config and the metrics log.
     """
     messages: list[str] = []
     try:
@@ -406,6 +400,8 @@ def claim(folder: Path, *, command: list[str], resume: Resume | None, overwrite:
             for path, why in others:
                 messages.append(f"warning: {path} is not part of this run's lineage ({why}); it is left alone")
         run.save_record()
+        for name, text in (files or {}).items():
+            write_text_atomic(folder / name, text(folder) if callable(text) else text)
         return run
     except OSError as exc:
         lock.release()

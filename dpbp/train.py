@@ -1014,19 +1014,13 @@ class Trainer:
         def claim():
             if not self.comm.is_root:
                 return None
+            def config(path: Path) -> str:  # names the directory, which a numbered run learns when it is made
+                return config_mod.to_toml(config_mod.replace(self.cfg, **{"run.dir": str(path)}))
+
             run = rundir_mod.claim(self.run_dir, command=command, resume=resume, overwrite=overwrite,
-                                   restart=restart, numbered=numbered)
-            try:
-                cfg = config_mod.replace(self.cfg, **{"run.dir": str(run.path)})
-                rundir_mod.write_text_atomic(run.path / rundir_mod.CONFIG_FILE, config_mod.to_toml(cfg))
-                rundir_mod.write_text_atomic(run.path / rundir_mod.METRICS_FILE,
-                                             "".join(json.dumps(r) + "\n" for r in self.history))
-            except OSError as exc:
-                run.release()
-                raise SaveError(f"cannot write to the run directory {run.path}: {exc.strerror or exc}") from None
-            except BaseException:
-                run.release()
-                raise
+                                   restart=restart, numbered=numbered, files={
+                                       rundir_mod.CONFIG_FILE: config,
+                                       rundir_mod.METRICS_FILE: "".join(json.dumps(r) + "\n" for r in self.history)})
             self.rundir = run
             return str(run.path), run.messages
 
