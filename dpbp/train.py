@@ -244,6 +244,7 @@ class TrainState:
     stopped: str = ""  # "early_stopping" once early stopping fired
     grad_norm_sums: list = field(default_factory=list)  # per-layer ||dL/dW|| summed over sampled steps
     grad_norm_count: int = 0
+    skipped_steps: int = 0  # updates left out by train.on_nonfinite = "skip", over the whole run (resumes too)
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -507,7 +508,9 @@ class Trainer:
         try:
             self.optimizer.step(model.params, self.grad, lr, grad_scale=inv_count, check_finite=not skip)
         except NonFiniteGradient:
-            self._nonfinite(loss_sum)  # on_nonfinite = "stop": raises TrainingError naming the layer
+            # on_nonfinite = "stop": raises TrainingError naming the layer (some chunks are applied already)
+            self._nonfinite(loss_sum, check_params=False)
+        self._updated_at = self.state.global_step + 1
         return loss_sum, correct, count
 
     def _fill_tail(self, tail: np.ndarray, stats) -> np.ndarray:
@@ -548,6 +551,7 @@ class Trainer:
         lr = self.schedule(self.state.global_step)
         self.optimizer.step(model.params, sh.grad, lr, grad_scale=inv_count, span=sh.span)
         comm.allgather_(model.params, sh.counts)  # DP: every rank gets every span
+        self._updated_at = self.state.global_step + 1
         return loss_sum, correct, count
 
     def _step_node_shared(self, xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float]:
@@ -576,16 +580,18 @@ class Trainer:
         if self.cfg.train.on_nonfinite == "skip":
             comm.node_barrier()  # DP: every span's norms are posted before any span changes
             squares = [float(v) for v in node.squares.sum(axis=0)]
-        if squares is None or all(math.isfinite(q) for q in squares):
+        updated = squares is None or all(math.isfinite(q) for q in squares)
+        if updated:
             lr = self.schedule(self.state.global_step)
             with np.errstate(invalid="ignore", over="ignore"):  # stop mode: NaN/Inf are reported below
                 self.optimizer.step(model.params, node.grad, lr, grad_scale=1.0 / count, span=node.span)
+            self._updated_at = self.state.global_step + 1
         comm.node_barrier()  # DP: (2) the shared parameters are complete; every span's norms are posted
         if squares is None:
             squares = [float(v) for v in node.squares.sum(axis=0)]
         bad_layer = next((i for i, q in enumerate(squares) if not math.isfinite(q)), None)
-        if bad_layer is not None:
-            self._nonfinite(loss_sum, bad_layer)  # raises, or (skip) this update was left out everywhere
+        if bad_layer is not None:  # raises, or (skip) this update was left out everywhere
+            self._nonfinite(loss_sum, bad_layer, check_params=not updated)
         elif self.state.global_step % self.diag_every == 0:
             self._add_grad_norms(squares, 1.0 / count)
         return loss_sum, correct, count
@@ -618,9 +624,20 @@ class Trainer:
         st.grad_norm_sums = [a + b for a, b in zip(st.grad_norm_sums, norms)] if st.grad_norm_sums else norms
         st.grad_norm_count += 1
 
-    def _nonfinite(self, loss_sum: float, layer: int | None = None) -> bool:
-        """Handle a NaN/Inf batch (identical on all ranks after the reduce): skip or raise."""
-        step = self.state.global_step + 1
+    _updated_at = 0  # the (1-based) step whose update was applied last; 0: none in this process
+
+    def _nonfinite(self, loss_sum: float, layer: int | None = None, *, check_params: bool = True) -> bool:
+        """Handle a NaN/Inf batch (identical on all ranks after the reduce): skip or raise TrainingError.
+
+        Collective. First the parameters (``check_params``: unless this step's update
+        already ran): NaN/Inf there end the run in either mode, as skipping could never
+        recover. Then ``stop`` raises; ``skip`` counts the step in ``state.skipped_steps``
+        and raises once that exceeds ``train.max_skipped_steps``. Returns True (skip).
+        """
+        st, t = self.state, self.cfg.train
+        step = st.global_step + 1
+        if check_params:  # a NaN/Inf parameter makes the loss non-finite: the usual way to find one
+            self._require_finite_params(f"found at step {step}")
         if not math.isfinite(loss_sum):
             what = f"loss is {loss_sum}"
         elif layer is not None:
@@ -630,14 +647,42 @@ class Trainer:
             layer = next((i for i in range(self.model.n_layers)
                           if not (np.all(np.isfinite(gW[i])) and np.all(np.isfinite(gb[i])))), None)
             what = "gradient is not finite" if layer is None else f"gradient of layer {layer + 1} is not finite"
-        if self.cfg.train.on_nonfinite == "skip":
+        if t.on_nonfinite == "skip":
+            st.skipped_steps += 1
+            if st.skipped_steps > t.max_skipped_steps:
+                raise TrainingError(
+                    f"step {step} (epoch {st.epoch + 1}): {what}; {st.skipped_steps} of {step} steps skipped, "
+                    f"more than train.max_skipped_steps = {t.max_skipped_steps}; lower train.lr or check the data"
+                )
             if self.comm.is_root:
-                self.echo(f"warning: step {step}: {what}; skipping this update on all ranks")
+                self.echo(f"warning: step {step}: {what}; skipping this update on all ranks "
+                          f"({st.skipped_steps} skipped, at most {t.max_skipped_steps})")
             return True
         raise TrainingError(
-            f"step {step} (epoch {self.state.epoch + 1}): {what}; lower train.lr, check the data, "
+            f"step {step} (epoch {st.epoch + 1}): {what}; lower train.lr, check the data, "
             "or set train.on_nonfinite=\"skip\""
         )
+
+    def _require_finite_params(self, when: str) -> None:
+        """Raise TrainingError on every rank if any parameter is NaN or Inf (collective).
+
+        ``when`` says where the check ran ("before writing a checkpoint"). One pass over
+        the parameters, so it runs before every save and on the NaN/Inf path, not every
+        step: no checkpoint or model.npz ever holds NaN/Inf, and the previous one stays.
+        The step named is the last applied update; a saturating activation (tanh,
+        sigmoid) can hide an Inf weight from the loss for a while, so it may be later
+        than the update that produced it, never earlier.
+        """
+        params = self.model.params
+        bad = next((i for i, (w, b) in enumerate(self.model.layer_slices())
+                    if not all_finite(params[w.start : b.stop])), None)
+        found = [i for i in self.comm.allgather_obj(bad) if i is not None]  # DP: agreed, even by a rank out of sync
+        if found:
+            after = f"the update of step {self._updated_at} left" if self._updated_at else "an earlier update left"
+            raise TrainingError(
+                f"{after} the parameters of layer {min(found) + 1} non-finite ({when}); lower train.lr or check "
+                "the data; nothing with these parameters is saved (the previous checkpoint stays)"
+            )
 
     # -------------------------------------------------------------- epochs
 
@@ -754,6 +799,7 @@ class Trainer:
                 metrics = evaluate(self.model, ds, self.comm)
                 final[f"{role}_loss"], final[f"{role}_accuracy"] = metrics["loss"], metrics["accuracy"]
         if self.run_dir is not None and stopped != "interrupted":
+            self._require_finite_params("before writing model.npz")
             norm = self.data.normalizer
             shift, scale = (norm.shift, norm.scale) if norm.kind != "none" else (None, None)
             all_or_nothing(self.comm, lambda: save_model(
@@ -795,6 +841,7 @@ class Trainer:
 
     def save_checkpoint(self, best: bool = False) -> Path | None:
         """Rank 0 writes a checkpoint (collective: call on every rank). Returns its path."""
+        self._require_finite_params("before writing a checkpoint")
         folder = self.checkpoint_dir
         if folder is None:
             return None
