@@ -498,8 +498,9 @@ class Trainer:
         # here, so every decision below is the same on every rank.
         inv_count = 1.0 / count
         if self.state.global_step % self.diag_every == 0 and math.isfinite(loss_sum):
-            layers = [self.grad[w.start : b.stop] for w, b in model.layer_slices()]
-            self._add_grad_norms([float(np.vdot(g, g)) for g in layers], inv_count)
+            squares = [float(np.vdot(g, g)) for g in (self.grad[w.start : b.stop] for w, b in model.layer_slices())]
+            if all(math.isfinite(q) for q in squares):  # Inf also from a huge finite gradient: no sample then
+                self._add_grad_norms(squares, inv_count)
         skip = self.cfg.train.on_nonfinite == "skip"
         if not math.isfinite(loss_sum) or (skip and not all_finite(self.grad)):
             self._nonfinite(loss_sum)  # raises, or returns to skip this update
@@ -532,21 +533,23 @@ class Trainer:
         stats = model.loss_and_grad_sum(xs, ys, self.grad, check=False)
         comm.reduce_scatter_(self.grad, sh.grad, sh.counts)  # DP: my span of the global gradient sum
         # DP: one small Allreduce: loss sum, rows, correct, stop votes, per-layer squared norms
-        # (their sum is NaN/Inf when any gradient entry is, which every rank must learn).
+        # (their sum is NaN/Inf when any gradient entry is, which every rank must learn; or when
+        # finite entries are huge: then the ranks' exact answers, ``mine``, decide).
         tail = self._fill_tail(sh.tail, stats)
         for layer, (a, b) in enumerate(sh.layer_parts):
             part = sh.grad[a:b]
             tail[4 + layer] = np.vdot(part, part) if b > a else 0.0
+        mine = self._span_bad_layer(sh.grad, sh.layer_parts, tail[4:])
         comm.allreduce_(tail)
         loss_sum, count, correct = (float(v) for v in tail[:3])
         self.stop_votes = float(tail[3])
         squares = [float(v) for v in tail[4:]]
         inv_count = 1.0 / count
-        bad_layer = next((i for i, q in enumerate(squares) if not math.isfinite(q)), None)
+        bad_layer = self._agreed_bad_layer(squares, mine)
         if not math.isfinite(loss_sum) or bad_layer is not None:
             self._nonfinite(loss_sum, bad_layer)  # raises, or returns to skip this update everywhere
             return loss_sum, correct, count
-        if self.state.global_step % self.diag_every == 0:
+        if self.state.global_step % self.diag_every == 0 and all(math.isfinite(q) for q in squares):
             self._add_grad_norms(squares, inv_count)
         lr = self.schedule(self.state.global_step)
         self.optimizer.step(model.params, sh.grad, lr, grad_scale=inv_count, span=sh.span)
@@ -576,11 +579,15 @@ class Trainer:
             self._nonfinite(loss_sum)  # raises, or returns to skip this update everywhere
             return loss_sum, correct, count
         node.sum_span()
-        squares = None
+        lo, hi = node.span
+        mine = self._span_bad_layer(node.grad, [(max(w, lo) - lo, max(min(b, hi), lo) - lo)
+                                                for w, b in node.layer_ranges], node.squares[node.rank])
+        squares, bad_layer = None, None
         if self.cfg.train.on_nonfinite == "skip":
             comm.node_barrier()  # DP: every span's norms are posted before any span changes
             squares = [float(v) for v in node.squares.sum(axis=0)]
-        updated = squares is None or all(math.isfinite(q) for q in squares)
+            bad_layer = self._agreed_bad_layer(squares, mine)
+        updated = bad_layer is None
         if updated:
             lr = self.schedule(self.state.global_step)
             with np.errstate(invalid="ignore", over="ignore"):  # stop mode: NaN/Inf are reported below
@@ -589,10 +596,10 @@ class Trainer:
         comm.node_barrier()  # DP: (2) the shared parameters are complete; every span's norms are posted
         if squares is None:
             squares = [float(v) for v in node.squares.sum(axis=0)]
-        bad_layer = next((i for i, q in enumerate(squares) if not math.isfinite(q)), None)
+            bad_layer = self._agreed_bad_layer(squares, mine)
         if bad_layer is not None:  # raises, or (skip) this update was left out everywhere
             self._nonfinite(loss_sum, bad_layer, check_params=not updated)
-        elif self.state.global_step % self.diag_every == 0:
+        elif self.state.global_step % self.diag_every == 0 and all(math.isfinite(q) for q in squares):
             self._add_grad_norms(squares, 1.0 / count)
         return loss_sum, correct, count
 
@@ -623,6 +630,29 @@ class Trainer:
         st = self.state
         st.grad_norm_sums = [a + b for a, b in zip(st.grad_norm_sums, norms)] if st.grad_norm_sums else norms
         st.grad_norm_count += 1
+
+    @staticmethod
+    def _span_bad_layer(grad: np.ndarray, parts, squares) -> int | None:
+        """The first layer whose part ``grad[a:b]`` (``parts``: one (a, b) per layer) holds NaN/Inf.
+
+        Looks only at layers whose squared norm in ``squares`` is not finite (NaN/Inf entries
+        make it so, but so do finite ones beyond ~1.8e19 in float32), so normally costs nothing.
+        """
+        return next((layer for layer, ((a, b), q) in enumerate(zip(parts, squares))
+                     if not math.isfinite(q) and not bool(np.isfinite(grad[a:b]).all())), None)
+
+    def _agreed_bad_layer(self, squares: list[float], mine: int | None) -> int | None:
+        """The first layer whose summed gradient holds NaN/Inf, the same on every rank.
+
+        ``squares``: reduced per-layer squared norms (equal on all ranks); ``mine``: this
+        rank's ``_span_bad_layer`` over its span. Only when a square is not finite are the
+        ranks' exact answers gathered (collective then, on every rank alike): a finite but
+        huge gradient is trained on (the optimizer has a float64 path for it), not skipped.
+        """
+        if all(math.isfinite(q) for q in squares):
+            return None
+        found = [i for i in self.comm.allgather_obj(mine) if i is not None]  # DP: rare: NaN/Inf or a huge norm
+        return min(found) if found else None
 
     _updated_at = 0  # the (1-based) step whose update was applied last; 0: none in this process
 

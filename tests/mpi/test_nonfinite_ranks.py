@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import small_config
+from helpers import max_rel_diff, small_config
 
 from dpbp import checkpoint as ckpt
 from dpbp.cli import main
-from dpbp.comm import MPIComm
+from dpbp.comm import MPIComm, SerialComm
 from dpbp.train import Trainer, TrainingError
 
 pytestmark = pytest.mark.mpi(min_size=2)
@@ -109,6 +109,33 @@ def test_the_skip_bound_is_agreed_when_one_rank_sees_nan(exchange):
     assert str(error) == ("step 7 (epoch 1): gradient of layer 2 is not finite; 3 of 7 steps skipped, "
                           "more than train.max_skipped_steps = 2; lower train.lr or check the data")
     assert t.state.skipped_steps == 3 and t.state.global_step == 6
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_a_huge_finite_gradient_is_trained_on_as_on_one_rank(exchange, mode):
+    """Its squared norm overflows float32, but it is finite: no exchange may take it for NaN/Inf."""
+    world = MPIComm()
+    cfg = small_config(*EXCHANGES[exchange], f"train.on_nonfinite={mode}", dtype="float32")
+    ref, dist = (Trainer(cfg, comm, None, echo=lambda s: None) for comm in (SerialComm(), world))
+    check_exchange(dist, exchange)
+    for t, here in ((ref, True), (dist, world.rank == world.size - 1)):
+        real = t.model.loss_and_grad_sum
+
+        def huge(*args, t=t, here=here, real=real, **kwargs):
+            stats = real(*args, **kwargs)
+            if here:  # layer 2's first bias: its batch mean ~6e19 > sqrt(float32 max)
+                t.model.layer_views(t.grad)[1][1][0] += np.float32(1e21)
+            return stats
+
+        t.model.loss_and_grad_sum = huge
+    order = np.arange(ref.data.train.n_samples)
+    for i in range(3):
+        ref.step(order, i)
+        dist.step(order, i)
+    assert dist.state.skipped_steps == ref.state.skipped_steps == 0
+    assert np.all(np.isfinite(dist.model.params))
+    assert max_rel_diff(dist.model.params, ref.model.params) < 1e-6
 
 
 def invoke(*args):
