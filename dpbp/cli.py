@@ -260,6 +260,8 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
     for role in ("val", "test"):
         if f"{role}_loss" in f:
             parts.append(f"{role} loss {f[f'{role}_loss']:.4f} accuracy {100 * f[f'{role}_accuracy']:.2f}%")
+    if result.state.skipped_steps:
+        parts.append(f"{result.state.skipped_steps} of {f['steps']} steps skipped (NaN/Inf)")
     if result.stopped == "early_stopping":
         parts.append("stopped early")
     echo("done: " + " | ".join(parts) + f" | model: {path / 'model.npz'}")

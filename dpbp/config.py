@@ -297,6 +297,14 @@ class TrainConfig:
             choices=("stop", "skip"),
         ),
     )
+    max_skipped_steps: int = field(
+        default=20,
+        metadata=_meta(
+            "with on_nonfinite = skip: stop the run (exit 3) once more than this many updates have been "
+            "skipped in it, resumes included",
+            min=1,
+        ),
+    )
     threads: int = field(
         default=0,
         metadata=_meta(

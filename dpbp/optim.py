@@ -6,6 +6,14 @@ restore it exactly. ``step`` uses ``grads`` as scratch space (its contents are
 undefined afterwards): that keeps every step free of parameter-sized allocations.
 Hyper-parameters are held as Python floats, which NumPy 2 treats as weak scalars:
 a float32 model stays float32.
+
+Finite gradients never overflow the update: a chunk whose squares sum to more than half
+the dtype's max (float32: some |g| > 1.3e19, near where Adam's and RMSprop's g^2 is Inf)
+is updated by the same formulas in a wider dtype (float64 for float32) and rounded back
+once. The optimizer state is then saturated at ``np.finfo(dtype).max`` where its exact
+value does not fit (Adam's and RMSprop's running mean of g^2 from |g| above ~1e21 in
+float32): that update is exact, later ones use the saturated, smaller value. Parameters
+are never saturated: an update that takes one beyond the dtype's range leaves it Inf.
 """
 
 from __future__ import annotations
@@ -18,6 +26,10 @@ OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
 # Elements per update chunk: measured best of 2^13..2^21 for Adam on 1.9M float32 parameters
 # (scripts/bench); the four vectors of a chunk (params, grads, two state) stay in L2/L3.
 CHUNK_ELEMENTS = 1 << 17
+# The dtype a chunk is updated in when its squares overflow (see the module docstring).
+# longdouble is wider than float64 on x86-64 Linux; where it is not, float64 state saturates.
+WIDER = {np.dtype(np.float16): np.dtype(np.float64), np.dtype(np.float32): np.dtype(np.float64),
+         np.dtype(np.float64): np.dtype(np.longdouble)}
 SCHEDULES = ("constant", "step", "cosine")
 
 
@@ -51,6 +63,8 @@ class Optimizer:
         self.dtype = np.dtype(dtype)
         self.t = 0  # updates applied so far
         self.state = {k: np.zeros(self.n_params, self.dtype) for k in self.state_names}
+        # A chunk whose dot(g, g) is at most this takes the in-place path (see ``step``).
+        self.safe_squares = float(np.finfo(self.dtype).max) / 2
 
     def step(self, params: np.ndarray, grads: np.ndarray, lr: float, *, grad_scale: float = 1.0,
              check_finite: bool = False, span: tuple[int, int] | None = None) -> None:
@@ -63,6 +77,11 @@ class Optimizer:
         ``check_finite`` raises NonFiniteGradient before applying a chunk whose
         gradient holds NaN/Inf; chunks already applied stay applied, so use it only
         where a non-finite gradient ends training.
+        Each chunk's ``dot(g, g)`` (one BLAS pass, also the NaN/Inf check) picks the
+        path: at most half the dtype's max, the update runs in place in the working
+        dtype, where no state can overflow (each is ``b * state + x`` with ``b < 1`` and
+        ``|x|`` at most ``(1 - b) * max / 2`` or far below); larger, NaN or Inf, in
+        ``WIDER[dtype]`` with the state saturated (see the module docstring).
         ``span=(lo, hi)`` updates only ``params[lo:hi]`` (and that part of the state)
         from ``grads`` of length ``hi - lo``: a sharded optimizer, where each rank
         updates its own span and the ranks then exchange parameters.
@@ -77,16 +96,45 @@ class Optimizer:
             g = grads[start - lo : part.stop - lo]
             if scale != 1.0:
                 g *= scale
-            if check_finite and not all_finite(g):
+            with np.errstate(over="ignore", invalid="ignore"):
+                squares = float(np.dot(g, g))  # NaN/Inf: a NaN/Inf entry, or a square beyond the dtype
+            state = {k: v[part] for k, v in self.state.items()}
+            if squares <= self.safe_squares:  # False for NaN
+                scratch = self._scratch[: g.shape[0]] if self._scratch is not None else None
+                self._update(params[part], g, lr, state, scratch)
+            elif check_finite and not bool(np.isfinite(g).all()):
                 raise NonFiniteGradient(start)
-            scratch = self._scratch[: g.shape[0]] if self._scratch is not None else None
-            self._update(params[part], g, lr, {k: v[part] for k, v in self.state.items()}, scratch)
+            else:
+                self._update_wide(params[part], g, lr, state)
 
     _scratch: np.ndarray | None = None
 
     def _update(self, params: np.ndarray, grads: np.ndarray, lr: float, state: dict, scratch) -> None:
-        """Update one chunk: ``params``/``grads``/``state`` values/``scratch`` are aligned slices."""
+        """Update one chunk: ``params``/``grads``/``state`` values/``scratch`` are aligned slices.
+
+        Written with in-place NumPy calls and Python-float scalars, so the same code runs
+        in whatever dtype the arrays have (``_update_wide`` passes wider copies).
+        """
         raise NotImplementedError
+
+    def _update_wide(self, params: np.ndarray, grads: np.ndarray, lr: float, state: dict) -> None:
+        """``_update`` of one chunk computed in ``WIDER[dtype]`` and rounded back once.
+
+        For chunks whose g^2 overflows the working dtype (rare: it allocates chunk-sized
+        copies). State that does not fit is saturated at +-finfo(dtype).max; a parameter
+        that does not fit becomes +-Inf (the trainer then stops naming the step).
+        """
+        wide = WIDER.get(self.dtype, self.dtype)
+        p, g = params.astype(wide), grads.astype(wide)
+        s = {k: v.astype(wide) for k, v in state.items()}
+        scratch = np.empty_like(g) if self._scratch is not None else None
+        limit = float(np.finfo(self.dtype).max)
+        with np.errstate(over="ignore", invalid="ignore"):
+            self._update(p, g, lr, s, scratch)
+            for k, v in s.items():
+                np.clip(v, -limit, limit, out=v)  # saturate: the exact value does not fit the dtype
+                np.copyto(state[k], v, casting="same_kind")
+            np.copyto(params, p, casting="same_kind")
 
     def move_state(self, buffers: dict[str, np.ndarray], *, copy: bool = True) -> None:
         """Keep each state vector in ``buffers[name]`` (e.g. node-shared memory) from now on.
@@ -169,10 +217,10 @@ class RMSprop(Optimizer):
 
     def _update(self, params, grads, lr, state, scratch):
         s, tmp = state["square_avg"], scratch
-        np.multiply(grads, grads, out=tmp)
-        s -= tmp  # s <- s + (1 - rho)(g^2 - s)  ==  rho s + (1 - rho) g^2
+        np.multiply(grads, math.sqrt(1.0 - self.rho), out=tmp)  # fold (1 - rho) in before squaring
+        np.square(tmp, out=tmp)
         s *= self.rho
-        s += tmp
+        s += tmp  # s <- rho s + (1 - rho) g^2
         np.sqrt(s, out=tmp)
         tmp += self.eps
         np.divide(grads, tmp, out=grads)
@@ -196,16 +244,17 @@ class Adam(Optimizer):
         m, v = state["m"], state["v"]
         if self.weight_decay:
             params *= 1.0 - lr * self.weight_decay
-        m -= grads  # m <- b1 (m - g) + g  ==  b1 m + (1 - b1) g
-        m *= self.beta1
-        m += grads
-        np.multiply(grads, grads, out=grads)
-        v -= grads
-        v *= self.beta2
-        v += grads
+        b1, b2 = self.beta1, self.beta2
+        grads *= 1.0 - b1
+        m *= b1
+        m += grads  # m <- b1 m + (1 - b1) g
+        grads *= math.sqrt(1.0 - b2) / (1.0 - b1)  # fold (1 - b2) in before squaring
+        np.square(grads, out=grads)
+        v *= b2
+        v += grads  # v <- b2 v + (1 - b2) g^2
         # lr * m_hat / (sqrt(v_hat) + eps) with m_hat = m / bc1, v_hat = v / bc2, folded into scalars.
-        bc1 = 1.0 - self.beta1**self.t
-        bc2 = 1.0 - self.beta2**self.t
+        bc1 = 1.0 - b1**self.t
+        bc2 = 1.0 - b2**self.t
         np.sqrt(v, out=grads)
         grads *= 1.0 / math.sqrt(bc2)
         grads += self.eps

@@ -301,6 +301,7 @@ class TrainState:
     stopped: str = ""  # "early_stopping" once early stopping fired
     grad_norm_sums: list = field(default_factory=list)  # per-layer ||dL/dW|| summed over sampled steps
     grad_norm_count: int = 0
+    skipped_steps: int = 0  # updates left out by train.on_nonfinite = "skip", over the whole run (resumes too)
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -560,8 +561,9 @@ class Trainer:
         # here, so every decision below is the same on every rank.
         inv_count = 1.0 / count
         if self.state.global_step % self.diag_every == 0 and math.isfinite(loss_sum):
-            layers = [self.grad[w.start : b.stop] for w, b in model.layer_slices()]
-            self._add_grad_norms([float(np.vdot(g, g)) for g in layers], inv_count)
+            squares = [float(np.vdot(g, g)) for g in (self.grad[w.start : b.stop] for w, b in model.layer_slices())]
+            if all(math.isfinite(q) for q in squares):  # Inf also from a huge finite gradient: no sample then
+                self._add_grad_norms(squares, inv_count)
         skip = self.cfg.train.on_nonfinite == "skip"
         if not math.isfinite(loss_sum) or (skip and not all_finite(self.grad)):
             self._nonfinite(loss_sum)  # raises, or returns to skip this update
@@ -570,7 +572,9 @@ class Trainer:
         try:
             self.optimizer.step(model.params, self.grad, lr, grad_scale=inv_count, check_finite=not skip)
         except NonFiniteGradient:
-            self._nonfinite(loss_sum)  # on_nonfinite = "stop": raises TrainingError naming the layer
+            # on_nonfinite = "stop": raises TrainingError naming the layer (some chunks are applied already)
+            self._nonfinite(loss_sum, check_params=False)
+        self._updated_at = self.state.global_step + 1
         return loss_sum, correct, count
 
     def _fill_tail(self, tail: np.ndarray, stats) -> np.ndarray:
@@ -592,25 +596,28 @@ class Trainer:
         stats = model.loss_and_grad_sum(xs, ys, self.grad, check=False)
         comm.reduce_scatter_(self.grad, sh.grad, sh.counts)  # DP: my span of the global gradient sum
         # DP: one small Allreduce: loss sum, rows, correct, stop votes, per-layer squared norms
-        # (their sum is NaN/Inf when any gradient entry is, which every rank must learn).
+        # (their sum is NaN/Inf when any gradient entry is, which every rank must learn; or when
+        # finite entries are huge: then the ranks' exact answers, ``mine``, decide).
         tail = self._fill_tail(sh.tail, stats)
         for layer, (a, b) in enumerate(sh.layer_parts):
             part = sh.grad[a:b]
             tail[4 + layer] = np.vdot(part, part) if b > a else 0.0
+        mine = self._span_bad_layer(sh.grad, sh.layer_parts, tail[4:])
         comm.allreduce_(tail)
         loss_sum, count, correct = (float(v) for v in tail[:3])
         self.stop_votes = float(tail[3])
         squares = [float(v) for v in tail[4:]]
         inv_count = 1.0 / count
-        bad_layer = next((i for i, q in enumerate(squares) if not math.isfinite(q)), None)
+        bad_layer = self._agreed_bad_layer(squares, mine)
         if not math.isfinite(loss_sum) or bad_layer is not None:
             self._nonfinite(loss_sum, bad_layer)  # raises, or returns to skip this update everywhere
             return loss_sum, correct, count
-        if self.state.global_step % self.diag_every == 0:
+        if self.state.global_step % self.diag_every == 0 and all(math.isfinite(q) for q in squares):
             self._add_grad_norms(squares, inv_count)
         lr = self.schedule(self.state.global_step)
         self.optimizer.step(model.params, sh.grad, lr, grad_scale=inv_count, span=sh.span)
         comm.allgather_(model.params, sh.counts)  # DP: every rank gets every span
+        self._updated_at = self.state.global_step + 1
         return loss_sum, correct, count
 
     def _step_node_shared(self, xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float]:
@@ -635,21 +642,27 @@ class Trainer:
             self._nonfinite(loss_sum)  # raises, or returns to skip this update everywhere
             return loss_sum, correct, count
         node.sum_span()
-        squares = None
+        lo, hi = node.span
+        mine = self._span_bad_layer(node.grad, [(max(w, lo) - lo, max(min(b, hi), lo) - lo)
+                                                for w, b in node.layer_ranges], node.squares[node.rank])
+        squares, bad_layer = None, None
         if self.cfg.train.on_nonfinite == "skip":
             comm.node_barrier()  # DP: every span's norms are posted before any span changes
             squares = [float(v) for v in node.squares.sum(axis=0)]
-        if squares is None or all(math.isfinite(q) for q in squares):
+            bad_layer = self._agreed_bad_layer(squares, mine)
+        updated = bad_layer is None
+        if updated:
             lr = self.schedule(self.state.global_step)
             with np.errstate(invalid="ignore", over="ignore"):  # stop mode: NaN/Inf are reported below
                 self.optimizer.step(model.params, node.grad, lr, grad_scale=1.0 / count, span=node.span)
+            self._updated_at = self.state.global_step + 1
         comm.node_barrier()  # DP: (2) the shared parameters are complete; every span's norms are posted
         if squares is None:
             squares = [float(v) for v in node.squares.sum(axis=0)]
-        bad_layer = next((i for i, q in enumerate(squares) if not math.isfinite(q)), None)
-        if bad_layer is not None:
-            self._nonfinite(loss_sum, bad_layer)  # raises, or (skip) this update was left out everywhere
-        elif self.state.global_step % self.diag_every == 0:
+            bad_layer = self._agreed_bad_layer(squares, mine)
+        if bad_layer is not None:  # raises, or (skip) this update was left out everywhere
+            self._nonfinite(loss_sum, bad_layer, check_params=not updated)
+        elif self.state.global_step % self.diag_every == 0 and all(math.isfinite(q) for q in squares):
             self._add_grad_norms(squares, 1.0 / count)
         return loss_sum, correct, count
 
@@ -681,9 +694,43 @@ class Trainer:
         st.grad_norm_sums = [a + b for a, b in zip(st.grad_norm_sums, norms)] if st.grad_norm_sums else norms
         st.grad_norm_count += 1
 
-    def _nonfinite(self, loss_sum: float, layer: int | None = None) -> bool:
-        """Handle a NaN/Inf batch (identical on all ranks after the reduce): skip or raise."""
-        step = self.state.global_step + 1
+    @staticmethod
+    def _span_bad_layer(grad: np.ndarray, parts, squares) -> int | None:
+        """The first layer whose part ``grad[a:b]`` (``parts``: one (a, b) per layer) holds NaN/Inf.
+
+        Looks only at layers whose squared norm in ``squares`` is not finite (NaN/Inf entries
+        make it so, but so do finite ones beyond ~1.8e19 in float32), so normally costs nothing.
+        """
+        return next((layer for layer, ((a, b), q) in enumerate(zip(parts, squares))
+                     if not math.isfinite(q) and not bool(np.isfinite(grad[a:b]).all())), None)
+
+    def _agreed_bad_layer(self, squares: list[float], mine: int | None) -> int | None:
+        """The first layer whose summed gradient holds NaN/Inf, the same on every rank.
+
+        ``squares``: reduced per-layer squared norms (equal on all ranks); ``mine``: this
+        rank's ``_span_bad_layer`` over its span. Only when a square is not finite are the
+        ranks' exact answers gathered (collective then, on every rank alike): a finite but
+        huge gradient is trained on (the optimizer has a float64 path for it), not skipped.
+        """
+        if all(math.isfinite(q) for q in squares):
+            return None
+        found = [i for i in self.comm.allgather_obj(mine) if i is not None]  # DP: rare: NaN/Inf or a huge norm
+        return min(found) if found else None
+
+    _updated_at = 0  # the (1-based) step whose update was applied last; 0: none in this process
+
+    def _nonfinite(self, loss_sum: float, layer: int | None = None, *, check_params: bool = True) -> bool:
+        """Handle a NaN/Inf batch (identical on all ranks after the reduce): skip or raise TrainingError.
+
+        Collective. First the parameters (``check_params``: unless this step's update
+        already ran): NaN/Inf there end the run in either mode, as skipping could never
+        recover. Then ``stop`` raises; ``skip`` counts the step in ``state.skipped_steps``
+        and raises once that exceeds ``train.max_skipped_steps``. Returns True (skip).
+        """
+        st, t = self.state, self.cfg.train
+        step = st.global_step + 1
+        if check_params:  # a NaN/Inf parameter makes the loss non-finite: the usual way to find one
+            self._require_finite_params(f"found at step {step}")
         if not math.isfinite(loss_sum):
             what = f"loss is {loss_sum}"
         elif layer is not None:
@@ -693,14 +740,42 @@ class Trainer:
             layer = next((i for i in range(self.model.n_layers)
                           if not (np.all(np.isfinite(gW[i])) and np.all(np.isfinite(gb[i])))), None)
             what = "gradient is not finite" if layer is None else f"gradient of layer {layer + 1} is not finite"
-        if self.cfg.train.on_nonfinite == "skip":
+        if t.on_nonfinite == "skip":
+            st.skipped_steps += 1
+            if st.skipped_steps > t.max_skipped_steps:
+                raise TrainingError(
+                    f"step {step} (epoch {st.epoch + 1}): {what}; {st.skipped_steps} of {step} steps skipped, "
+                    f"more than train.max_skipped_steps = {t.max_skipped_steps}; lower train.lr or check the data"
+                )
             if self.comm.is_root:
-                self.echo(f"warning: step {step}: {what}; skipping this update on all ranks")
+                self.echo(f"warning: step {step}: {what}; skipping this update on all ranks "
+                          f"({st.skipped_steps} skipped, at most {t.max_skipped_steps})")
             return True
         raise TrainingError(
-            f"step {step} (epoch {self.state.epoch + 1}): {what}; lower train.lr, check the data, "
+            f"step {step} (epoch {st.epoch + 1}): {what}; lower train.lr, check the data, "
             "or set train.on_nonfinite=\"skip\""
         )
+
+    def _require_finite_params(self, when: str) -> None:
+        """Raise TrainingError on every rank if any parameter is NaN or Inf (collective).
+
+        ``when`` says where the check ran ("before writing a checkpoint"). One pass over
+        the parameters, so it runs before every save and on the NaN/Inf path, not every
+        step: no checkpoint or model.npz ever holds NaN/Inf, and the previous one stays.
+        The step named is the last applied update; a saturating activation (tanh,
+        sigmoid) can hide an Inf weight from the loss for a while, so it may be later
+        than the update that produced it, never earlier.
+        """
+        params = self.model.params
+        bad = next((i for i, (w, b) in enumerate(self.model.layer_slices())
+                    if not all_finite(params[w.start : b.stop])), None)
+        found = [i for i in self.comm.allgather_obj(bad) if i is not None]  # DP: agreed, even by a rank out of sync
+        if found:
+            after = f"the update of step {self._updated_at} left" if self._updated_at else "an earlier update left"
+            raise TrainingError(
+                f"{after} the parameters of layer {min(found) + 1} non-finite ({when}); lower train.lr or check "
+                "the data; nothing with these parameters is saved (the previous checkpoint stays)"
+            )
 
     # -------------------------------------------------------------- epochs
 
@@ -827,6 +902,7 @@ class Trainer:
                 metrics = evaluate(self.model, ds, self.comm)
                 final[f"{role}_loss"], final[f"{role}_accuracy"] = metrics["loss"], metrics["accuracy"]
         if self.run_dir is not None and stopped != "interrupted":
+            self._require_finite_params("before writing model.npz")
             norm = self.data.normalizer
             shift, scale = (norm.shift, norm.scale) if norm.kind != "none" else (None, None)
             # DP: the lineage entry of the state this model was made from (a branch moves it aside)
@@ -919,7 +995,9 @@ class Trainer:
         It records its lineage (run id, save number ``seq``, parent); periodic checkpoints beyond
         ``checkpoint.keep`` are pruned by ``seq`` within the lineage. A periodic save at the step of
         the newest save (for example right after resuming) writes nothing and returns that file.
+        Parameters that are not finite are never written (TrainingError, exit 3).
         """
+        self._require_finite_params("before writing a checkpoint")
         folder = self.checkpoint_dir
         if folder is None:
             return None

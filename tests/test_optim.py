@@ -201,3 +201,90 @@ def test_all_finite_is_exact_also_when_squares_overflow():
         y = x.copy()
         y[999] = bad
         assert not all_finite(y)
+
+
+def reference_run(key, params, grads, lr, dtype):
+    """The textbook update formulas, evaluated in a wider dtype than ``dtype`` step by step.
+
+    Between steps the parameters and state are stored in ``dtype`` like the optimizer
+    stores them, the state saturated at ``finfo(dtype).max`` as documented in dpbp.optim.
+    """
+    wide = np.float64 if np.dtype(dtype) == np.float32 else np.longdouble
+    limit = np.finfo(dtype).max
+    h, name = HYPER[key], NAMES.get(key, key)
+    p = params.astype(wide)
+    state: dict[str, np.ndarray] = {}
+    for t, g in enumerate(grads, start=1):
+        g = g.astype(wide)
+        if name == "sgd":
+            p = p - lr * g
+        elif name == "momentum":
+            v = h["momentum"] * state.get("velocity", 0.0) + g
+            p = p - lr * (g + h["momentum"] * v if h["nesterov"] else v)
+            state["velocity"] = v
+        elif name == "rmsprop":
+            s = h["rho"] * state.get("square_avg", 0.0) + (1 - h["rho"]) * g * g
+            p = p - lr * g / (np.sqrt(s) + h["eps"])
+            state["square_avg"] = s
+        else:
+            m = h["beta1"] * state.get("m", 0.0) + (1 - h["beta1"]) * g
+            v = h["beta2"] * state.get("v", 0.0) + (1 - h["beta2"]) * g * g
+            p = p * (1 - lr * h["weight_decay"])
+            p = p - lr * (m / (1 - h["beta1"] ** t)) / (np.sqrt(v / (1 - h["beta2"] ** t)) + h["eps"])
+            state.update(m=m, v=v)
+        state = {k: np.clip(s, -limit, limit).astype(dtype).astype(wide) for k, s in state.items()}
+        p = p.astype(dtype).astype(wide)
+    return p.astype(dtype), {k: s.astype(dtype) for k, s in state.items()}
+
+
+@pytest.mark.parametrize("big", [1e20, 1e30, 3e38])  # g^2 overflows float32 above 1.8e19
+@pytest.mark.parametrize("key", list(HYPER))
+def test_huge_finite_float32_gradients_give_the_float64_update(key, big):
+    from dpbp.optim import CHUNK_ELEMENTS
+
+    n = 2 * CHUNK_ELEMENTS + 77  # chunk 0: ordinary gradients; chunk 1: some huge ones too; a ragged tail
+    rng = np.random.default_rng(5)
+    params = rng.normal(size=n).astype(np.float32)
+    grads = [rng.normal(size=n).astype(np.float32) for _ in range(4)]
+    huge = np.arange(CHUNK_ELEMENTS, 2 * CHUNK_ELEMENTS, 997)
+    grads[0][huge], grads[1][huge], grads[2][huge] = big, big, -big / 3  # then an ordinary step on that state
+    opt, p = build(key, n, "float32"), params.copy()
+    saturated = set()
+    for steps, g in enumerate(grads, start=1):
+        with np.errstate(all="raise"):  # no overflow anywhere, not even a hidden one
+            opt.step(p, g.copy(), 0.01)
+        ref_p, ref_state = reference_run(key, params, grads[:steps], 0.01, np.float32)
+        assert np.all(np.isfinite(p)) and all(np.all(np.isfinite(s)) for s in opt.state.values())
+        np.testing.assert_allclose(p, ref_p, rtol=2e-6, atol=1e-6)
+        for k, s in opt.state.items():
+            np.testing.assert_allclose(s, ref_state[k], rtol=2e-6, atol=1e-6)
+            if np.any(s == np.finfo(np.float32).max):
+                saturated.add(k)
+    expect = {1e20: {"square_avg"}, 1e30: {"square_avg", "v"}, 3e38: {"square_avg", "v", "velocity"}}[big]
+    assert saturated == expect & set(opt.state_names)  # the documented saturation happens, and only there
+
+
+@pytest.mark.parametrize("key", ["rmsprop", "adam"])
+def test_huge_finite_float64_gradients_are_exact_in_long_double(key):
+    if np.finfo(np.longdouble).max <= np.finfo(np.float64).max:  # documented: float64 state saturates there
+        pytest.fail("this platform's long double is no wider than float64; extend the reference first")
+    n, rng = 1000, np.random.default_rng(6)
+    params = rng.normal(size=n)
+    grads = [rng.normal(size=n) for _ in range(3)]
+    grads[0][::7], grads[1][::7] = 1e160, -1e300
+    opt, p = build(key, n, "float64"), params.copy()
+    for g in grads:
+        opt.step(p, g.copy(), 0.01)
+    ref_p, ref_state = reference_run(key, params, grads, 0.01, np.float64)
+    np.testing.assert_allclose(p, ref_p, rtol=1e-14, atol=1e-14)
+    for k, s in opt.state.items():
+        np.testing.assert_allclose(s, ref_state[k], rtol=1e-14, atol=1e-15)
+
+
+def test_nonfinite_chunk_is_still_refused_when_checking():
+    from dpbp.optim import NonFiniteGradient
+
+    opt, p = make_optimizer("adam", 4, "float32"), np.ones(4, np.float32)
+    with pytest.raises(NonFiniteGradient):  # squares overflow *and* an Inf: refused, not widened
+        opt.step(p, np.array([3e38, np.inf, 1, 1], np.float32), 0.1, check_finite=True)
+    np.testing.assert_array_equal(p, 1.0)
