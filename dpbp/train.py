@@ -809,9 +809,10 @@ class Trainer:
             epoch_samples = 0
             while st.step_in_epoch < self.steps_per_epoch:
                 loss_sum, correct, count = self.step(order, st.step_in_epoch)
-                st.epoch_loss_sum += loss_sum
-                st.epoch_correct += correct
-                st.epoch_count += count
+                if math.isfinite(loss_sum):  # a skipped NaN/Inf batch (on_nonfinite=skip) is left out
+                    st.epoch_loss_sum += loss_sum
+                    st.epoch_correct += correct
+                    st.epoch_count += count
                 st.global_step += 1
                 st.step_in_epoch += 1
                 epoch_samples += int(count)

@@ -189,3 +189,13 @@ def test_cli_done_line_reports_skipped_steps(tmp_path):
     assert out.output.count("skipping this update on all ranks") == 3
     done = next(line for line in out.output.splitlines() if line.startswith("done:"))
     assert "3 of 9 steps skipped" in done
+
+
+def test_skipped_batches_are_left_out_of_the_epoch_loss(tmp_path):
+    cfg = small_config("train.on_nonfinite=skip", "train.epochs=2")
+    t = trainer(cfg, tmp_path)
+    poison_one_row(t)
+    result = t.run()
+    assert result.state.skipped_steps == 2
+    for record in result.history:
+        assert np.isfinite(record["train_loss"]) and 0.0 <= record["train_accuracy"] <= 1.0
