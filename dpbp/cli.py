@@ -41,7 +41,9 @@ def collective(fn):
     Errors every rank agreed on (``collective = True``) are printed once by rank 0
     and end every rank with the error's exit code. Anything else under several ranks
     is a failure of one rank: it prints its rank and the error, then aborts the
-    whole job, so no rank is left waiting in a collective.
+    whole job, so no rank is left waiting in a collective. The watchdog starts as soon
+    as the communicator exists (the config's defaults until the command applies its own),
+    so a rank that stops answering during set-up ends the job too.
     """
 
     @functools.wraps(fn)
@@ -57,7 +59,11 @@ def collective(fn):
             if rank == "0":
                 click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        from dpbp.config import default_config
+
+        defaults = default_config().train
         try:
+            comm.start_watchdog(defaults.heartbeat_timeout, defaults.collective_timeout)  # DP: from the first second
             return fn(comm, *args, **kwargs)
         except (click.exceptions.Exit, click.Abort, click.ClickException):
             raise
@@ -199,6 +205,7 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
     overrides = _option_overrides(overrides, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                                   run_dir=run_dir)
     cfg = _load_config(comm, config_file, overrides)
+    comm.configure_watchdog(cfg.train.heartbeat_timeout, cfg.train.collective_timeout)
     checkpoint = _find_checkpoint(comm, resume, Path(cfg.run.dir), echo) if resume else None
     if checkpoint is not None:
         # The checkpoint's config is the base; the file and options given now apply on top of it.
@@ -437,6 +444,7 @@ def info(comm):
     echo(f"ranks         {comm.size} ({comm.local_size} on this node)")
     echo(f"BLAS threads  {threads} per rank")
     echo(f"MPI wait      {comm.wait} (DPBP_WAIT=spin|yield)")
+    echo(f"watchdog      {comm.watchdog_status}")
     for lib in blas_info():
         echo(f"BLAS          {lib['library']} {lib['version']} ({lib['path']})")
 
