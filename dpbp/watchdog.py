@@ -489,6 +489,14 @@ class Watchdog:
     # ---------------------------------------------------------- the thread
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # noqa: BLE001 - a bug here must not pass for a dead rank, nor end the job
+            self.write(f"warning on rank {self.rank}: the watchdog stopped ({type(exc).__name__}: {exc}); "
+                       "this rank is no longer watched")
+            self.goodbye("exit")
+
+    def _loop(self) -> None:
         while True:
             with self._lock:
                 interval = interval_for(self.heartbeat_timeout) if self.state == "up" else 1.0

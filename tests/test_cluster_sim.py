@@ -179,7 +179,7 @@ def test_losing_a_host_ends_the_job_quickly(tmp_path, cluster_id):
     """Host 1's processes die mid-training (as when its node crashes): the whole job must end, non-zero.
 
     Cutting host 1's link instead is the next test: MPI alone would hang there (see
-    scripts/cluster-sim/README.md); dpbp's collective watchdog ends it.
+    scripts/cluster-sim/README.md); dpbp's heartbeats end it.
     """
     cid, procs = cluster_id
     run_dir = tmp_path / "long"

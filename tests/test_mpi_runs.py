@@ -82,6 +82,7 @@ def test_failure_on_one_rank_ends_the_job_quickly(tmp_path):
                           env={**ENV, "PYTHONPATH": env_path})
     assert proc.returncode != 0
     assert "error on rank 1: MemoryError: injected on rank 1" in proc.stderr
+    assert "stopped answering" not in proc.stderr  # rank 1 said goodbye before MPI_Abort: an abort, not a death
 
 
 def test_predict_under_mpirun_writes_every_row_once(tmp_path):
@@ -226,6 +227,37 @@ def test_a_rank_that_stops_answering_ends_the_job(tmp_path, stopped):
     assert re.search(who + r" stopped answering: no heartbeat for \d+ s \(last seen: [^)]+\); "
                      r"the host may be down or its network cut \(train.heartbeat_timeout\); aborting the job", err), err
     assert err.count("stopped answering") == 1, err
+
+
+def test_a_rank_that_stops_answering_while_loading_data_ends_the_job(tmp_path):
+    """The config's heartbeat timeout applies from the moment the config is read: a rank frozen while it
+    loads a large data set is named after 3 s, not after the default 30 s."""
+    import socket
+    import time
+
+    run_dir = tmp_path / "loading"
+    proc = subprocess.Popen([*mpirun(2), sys.executable, "-m", "dpbp.cli", "train", "--set",
+                             "data.train=spirals:n=6000000", "--set", "model.layers=[2,8,3]",
+                             "--set", "train.heartbeat_timeout=3", "--run-dir", str(run_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (run_dir / "config.toml").exists():  # written right before loading
+        time.sleep(0.02)
+    time.sleep(0.3)
+    pids = ranks_by_number(str(run_dir))
+    assert sorted(pids) == [0, 1], pids
+    _, err, took = stop_and_wait(proc, pids, 1, 60)
+    assert proc.returncode != 0 and took < 20, err
+    assert (f"error: rank 1 (host {socket.gethostname()}) stopped answering: no heartbeat for " in err
+            and "s (last seen: loading data); the host may be down" in err), err
+
+
+def test_info_under_mpirun_shows_the_heartbeats():
+    """Every MPI command starts the watchdog before its body runs (``info`` never reads a config)."""
+    proc = run([*mpirun(3), sys.executable, "-m", "dpbp.cli", "info"], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^watchdog +heartbeats with 2 ranks on port \d+, every 1 s, timeout 30 s; collective "
+                     r"timeout 300 s$", proc.stdout, re.M), proc.stdout
 
 
 # One script, several scenarios: the body runs under dpbp's own `collective` wrapper, as the CLI commands do.

@@ -296,6 +296,27 @@ def test_a_stranger_on_the_hubs_port_does_not_count(ranks):
     assert not r0.aborted.is_set() and r0.lines == []
 
 
+def test_a_stranger_during_start_up_cannot_take_a_ranks_place():
+    """Before the channel is agreed, only a hello with the token broadcast over MPI counts as a rank."""
+    world, r0, r1 = World(2), Rank(0, 2, 1.0, 300.0), Rank(1, 2, 1.0, 300.0)
+    hub = threading.Thread(target=r0.dog.connect, args=(world.bcast(0), world.allgather(0)))
+    hub.start()
+    try:
+        assert wait_for(lambda: r0.dog._listener is not None)
+        port = r0.dog._listener.getsockname()[1]
+        stranger = socket.create_connection(("127.0.0.1", port), timeout=5)
+        stranger.sendall(b'{"hello":"0123456789abcdef0123456789abcdef","r":1,"host":"evil"}\n')
+        assert stranger.recv(100) == b""  # dropped without an answer
+        stranger.close()
+        r1.dog.connect(world.bcast(1), world.allgather(1))
+        hub.join(30)
+        assert r0.dog.state == r1.dog.state == "up" and r0.lines == [], r0.lines
+        assert r0.dog._watch.peers[1].host == socket.gethostname()
+    finally:
+        r0.dog.goodbye()
+        r1.dog.goodbye()
+
+
 def test_a_rank_that_cannot_reach_the_hub_turns_heartbeats_off_everywhere(ranks, monkeypatch):
     real = wd.connect_to_hub
     monkeypatch.setattr(wd, "connect_to_hub", lambda offer, hello: (None, "blocked by a firewall")
@@ -313,6 +334,44 @@ def test_a_rank_that_cannot_reach_the_hub_turns_heartbeats_off_everywhere(ranks,
     assert wait_for(r1.aborted.is_set, 5)
     assert r1.lines == ["error on rank 1: no progress inside MPI for 0.5 s (setting up; a rank or host stopped "
                         "answering; train.collective_timeout); aborting the job"]
+
+
+def test_a_failing_watchdog_thread_says_so_and_leaves_instead_of_passing_for_dead(ranks):
+    r0, r1, r2 = ranks()
+    r2.waiting = "not a number"  # activity() returns garbage: formatting the beat raises in r2's thread
+    assert wait_for(lambda: r2.lines, 5)
+    assert r2.lines == ["warning on rank 2: the watchdog stopped (TypeError: type str doesn't define __round__ "
+                        "method); this rank is no longer watched"]
+    assert wait_for(lambda: r0.dog._watch.peers[2].left == "exit", 5)
+    time.sleep(1.5)  # past the 1 s heartbeat timeout
+    assert not r0.aborted.is_set() and r0.lines == []
+
+
+class RecordingComm(SerialComm):
+    """SerialComm that records the phases the trainer enters."""
+
+    def __init__(self):
+        self.phases = []
+
+    def phase(self, name):
+        self.phases.append(name)
+        return super().phase(name)
+
+
+def test_the_trainer_labels_set_up_training_evaluation_and_writes(tmp_path):
+    from helpers import small_config
+
+    from dpbp.train import Trainer
+
+    comm = RecordingComm()
+    cfg = small_config("train.epochs=1", "checkpoint.every_epochs=1")
+    trainer = Trainer(cfg, comm, tmp_path, echo=lambda s: None)
+    trainer.run()
+    trainer.restore(sorted((tmp_path / "checkpoints").glob("*.npz"))[-1])
+    seen = [p.split(" /")[0] for p in comm.phases]  # names without the file paths
+    for phase in ("setting up", "loading data", "choosing the gradient exchange", "training", "evaluating",
+                  "writing checkpoint", "saving the model", "reading checkpoint"):
+        assert phase in seen, (phase, comm.phases)
 
 
 def test_serial_comm_has_no_watchdog():
