@@ -820,7 +820,6 @@ class Trainer:
             h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()[:32]
 
-    @in_phase("writing checkpoint")
     def save_checkpoint(self, best: bool = False) -> Path | None:
         """Rank 0 writes a checkpoint (collective: call on every rank). Returns its path."""
         folder = self.checkpoint_dir
@@ -848,7 +847,6 @@ class Trainer:
         all_or_nothing(self.comm, write, f"writing checkpoint {path}")  # DP: a full disk ends every rank
         return path
 
-    @in_phase("reading checkpoint")
     def restore(self, path: str | Path) -> None:
         """Continue from checkpoint ``path`` (collective). Refuses one of another model or data."""
 

@@ -274,6 +274,14 @@ def test_a_rank_whose_process_dies_is_named_at_once_and_one_that_says_goodbye_is
                         "saying goodbye (last seen: setting up); aborting the job"]
 
 
+def test_an_announced_abort_is_not_taken_for_a_death(ranks):
+    r0, r1, r2 = ranks(hb=5.0)
+    r1.dog.goodbye("abort")  # what MPIComm.abort says before MPI_Abort
+    assert wait_for(lambda: r0.dog._watch.peers[1].left == "abort", 3)
+    time.sleep(0.5)
+    assert not r0.aborted.is_set() and r0.lines == []  # MPI_Abort ends the job; no second message
+
+
 def test_other_ranks_name_a_silent_hub(ranks):
     r0, r1, r2 = ranks()
     r0.phase = "writing checkpoint"
