@@ -51,6 +51,7 @@ HELLO_TIMEOUT = 10.0  # a connection to the hub must say hello within this
 ABORT_GRACE = 15.0  # a peer announced MPI_Abort: if this process still runs after this, it ends itself
 NOTE_AFTER = 60.0  # tell once that ranks wait for a busy one (sooner when collective_timeout is shorter)
 MISSED_BEATS = 3  # a rank is silent only after missing at least this many of its own beats
+MAX_HEAD_START = 5.0  # seconds: see Liveness.patience
 SILENT_SHARE = 0.5  # when one rank is past the timeout, also name ranks silent for this share of it
 MAX_LINE = 4096  # bytes; beats are ~100
 PHASE_CHARS = 160  # a phase may name a file ("writing checkpoint /runs/a/checkpoints/step-120.npz")
@@ -94,6 +95,9 @@ class Liveness:
         self.peers = {r: Peer(r, host=hosts.get(r, "?"), heard=now, timeout=heartbeat_timeout) for r in ranks}
         self.heartbeat_timeout, self.collective_timeout = heartbeat_timeout, collective_timeout
         self.noted = False  # the "waiting for a busy rank" note of the current stall was printed
+        # Ranks 2, 3, ... give rank 1 a head start in reporting a lost hub (a few seconds at most), so
+        # that its MPI_Abort usually ends the job before each of them prints the same message.
+        self.patience = 0.0 if me == 0 else min(me - 1, MAX_HEAD_START)
 
     def set_timeouts(self, heartbeat_timeout: float, collective_timeout: float) -> None:
         self.heartbeat_timeout, self.collective_timeout = heartbeat_timeout, collective_timeout
@@ -121,14 +125,15 @@ class Liveness:
 
     def verdict(self, now: float) -> tuple[str | None, str | None]:
         others = [p for p in self.peers.values() if p.rank != self.me]
-        died = [p for p in others if p.left == "died"]
+        died = [p for p in others if p.left == "died" and now - p.left_at >= self.patience]
         if died:
             return (f"{_who(died)} stopped answering: {'its process' if len(died) == 1 else 'their processes'} "
                     f"ended without saying goodbye ({_last_seen(died)}); aborting the job"), None
         live = [p for p in self.peers.values() if not p.left]
         if self.heartbeat_timeout > 0:
             # A rank that has not applied new timeouts yet beats at its old interval: allow it three beats.
-            limit = {p.rank: max(self.heartbeat_timeout, MISSED_BEATS * interval_for(p.timeout)) for p in others}
+            limit = {p.rank: max(self.heartbeat_timeout, MISSED_BEATS * interval_for(p.timeout)) + self.patience
+                     for p in others}
             if any(not p.left and now - p.heard > limit[p.rank] for p in others):
                 silent = [p for p in others if not p.left and now - p.heard > SILENT_SHARE * limit[p.rank]]
                 longest = max(now - p.heard for p in silent)

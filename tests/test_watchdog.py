@@ -135,11 +135,24 @@ def test_the_hubs_timeout_holds_but_a_rank_on_its_old_interval_gets_three_beats(
 
 
 def test_a_non_root_rank_watches_rank_0_only():
-    live = Liveness(2, [0], 5.0, 1.0, now=0.0, hosts={0: "h0"})
+    live = Liveness(1, [0], 5.0, 1.0, now=0.0, hosts={0: "h0"})
     live.beat(0, 1.0, "writing checkpoint", None)
     assert live.verdict(5.9) == (None, None)
     abort, _ = live.verdict(6.1)
     assert abort.startswith("rank 0 (host h0) stopped answering: no heartbeat for 5 s (last seen: writing checkpoint)")
+
+
+def test_higher_ranks_give_rank_1_a_head_start_in_reporting_the_hub():
+    """When rank 0 goes silent every other rank notices: rank 1 speaks first, the others a little later."""
+    deadlines = []
+    for me in (1, 2, 3, 9):
+        live = Liveness(me, [0], 5.0, 300.0, now=0.0, hosts={0: "h0"})
+        t = next(t / 10 for t in range(200) if live.verdict(t / 10)[0])
+        deadlines.append(t)
+    assert deadlines == [5.1, 6.1, 7.1, 10.1]
+    live = Liveness(3, [0], 5.0, 300.0, now=0.0)
+    live.closed(0, 1.0)
+    assert live.verdict(2.9) == (None, None) and live.verdict(3.0)[0] is not None
 
 
 def test_rank_lists_are_compact():
