@@ -46,7 +46,9 @@ def collective(fn):
     Errors every rank agreed on (``collective = True``) are printed once by rank 0
     and end every rank with the error's exit code. Anything else under several ranks
     is a failure of one rank: it prints its rank and the error, then aborts the
-    whole job, so no rank is left waiting in a collective.
+    whole job, so no rank is left waiting in a collective. The watchdog starts as soon
+    as the communicator exists (the config's defaults until the command applies its own),
+    so a rank that stops answering during set-up ends the job too.
     """
 
     @functools.wraps(fn)
@@ -61,7 +63,11 @@ def collective(fn):
             if launcher_rank() in (None, 0):
                 click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        from dpbp.config import default_config
+
+        defaults = default_config().train
         try:
+            comm.start_watchdog(defaults.heartbeat_timeout, defaults.collective_timeout)  # DP: from the first second
             return fn(comm, *args, **kwargs)
         except (click.exceptions.Exit, click.Abort, click.ClickException):
             raise
@@ -217,6 +223,7 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
     overrides = _option_overrides(overrides, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                                   run_dir=run_dir)
     cfg = _load_config(comm, config_file, overrides)
+    comm.configure_watchdog(cfg.train.heartbeat_timeout, cfg.train.collective_timeout)
     given = Path(cfg.run.dir) if cfg.run.dir else None
     _stop_before_training(comm, stop)
     point, home, meta, notes = _resume_point(comm, resume, given) if resume else (None, given, None, [])
@@ -224,6 +231,7 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
         # The checkpoint's config is the base; the file and options given now apply on top of it.
         base = _agreed(comm, lambda: config_mod.from_dict(meta["config"]), f"the config saved in {point.path}")
         cfg = _load_config(comm, config_file, overrides, base=base)
+        comm.configure_watchdog(cfg.train.heartbeat_timeout, cfg.train.collective_timeout)
     restart = resume == "auto" and point is None
     folder = home if home is not None else rundir.RUNS_ROOT
     # Refuse early, before loading data; claiming the directory checks again, under its lock.
@@ -551,6 +559,7 @@ def info(comm):
     echo(f"ranks         {comm.size} ({comm.local_size} on this node)")
     echo(f"BLAS threads  {threads} per rank")
     echo(f"MPI wait      {comm.wait} (DPBP_WAIT=spin|yield)")
+    echo(f"watchdog      {comm.watchdog_status}")
     for lib in blas_info():
         echo(f"BLAS          {lib['library']} {lib['version']} ({lib['path']})")
 

@@ -11,6 +11,7 @@ called inside ``if comm.is_root``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import sys
@@ -20,6 +21,10 @@ import time
 
 import numpy as np
 
+from dpbp.watchdog import Watchdog
+
+# Seconds MPI_Abort gets to end the job before this process exits on its own.
+ABORT_FALLBACK = 10.0
 # Sleep between polls of a node barrier when ranks outnumber cores.
 NAP_SECONDS = 50e-6
 # Variables that MPI launchers (MPICH/hydra, Open MPI, PMIx, Slurm's srun with PMI) set per rank.
@@ -83,8 +88,17 @@ class SerialComm:
     def node_barrier(self) -> None:
         """Wait for this node's ranks; their writes to node-shared arrays are visible afterwards."""
 
-    def start_watchdog(self, timeout: float) -> None:
+    def phase(self, name: str):
+        """Label what this rank is doing (see MPIComm.phase). Here: nothing to label."""
+        return contextlib.nullcontext()
+
+    def start_watchdog(self, heartbeat_timeout: float, collective_timeout: float) -> None:
+        """Nothing to watch in one process: no thread, no socket."""
+
+    def configure_watchdog(self, heartbeat_timeout: float, collective_timeout: float) -> None:
         """Nothing to watch in one process."""
+
+    watchdog_status = "none (single process)"
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
@@ -95,6 +109,22 @@ class SerialComm:
 class _Done:
     def wait(self) -> None:
         pass
+
+
+class _Activity:
+    """What this process is doing, for its watchdog thread: one per process, shared by every MPIComm."""
+
+    phase = "setting up"  # set by MPIComm.phase
+    busy_since: float | None = None  # monotonic time the MPI collective in progress started
+
+
+_ACTIVITY = _Activity()
+_WATCHDOG: Watchdog | None = None  # this process's watchdog (dpbp/watchdog.py), once started
+
+
+def _activity() -> tuple[str, float | None]:
+    since = _ACTIVITY.busy_since
+    return _ACTIVITY.phase, None if since is None else time.monotonic() - since
 
 
 class MPIComm:
@@ -118,43 +148,64 @@ class MPIComm:
         self.library = " ".join(MPI.Get_library_version().split()[:4])
         self._flag = np.zeros(1, np.int32)
         self.wait = wait_strategy()
-        self._busy_since: float | None = None  # when the collective in progress started
-        self._watchdog: threading.Thread | None = None
 
     @contextlib.contextmanager
     def _collective(self):
-        self._busy_since = time.monotonic()
+        _ACTIVITY.busy_since = time.monotonic()  # the watchdog reports how long this rank waits inside MPI
         try:
             yield
         finally:
-            self._busy_since = None
+            _ACTIVITY.busy_since = None
 
-    def start_watchdog(self, timeout: float) -> None:
-        """Abort the whole job if one collective makes no progress for ``timeout`` seconds.
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Label what this rank does inside the block ("loading data", "writing checkpoint", ...).
 
-        A host that drops off the network leaves the other ranks waiting inside MPI
-        forever (TCP only gives up after ~15 minutes, and MPI does not notice). A
-        daemon thread (mpi4py releases the GIL inside MPI calls) sees the stalled
-        collective and calls MPI_Abort, which ends every reachable rank and mpiexec.
-        ``timeout <= 0`` disables it.
+        The label travels in every heartbeat and names the rank's last known activity in
+        the watchdog's messages. Blocks nest; the outer label returns afterwards.
         """
-        if timeout <= 0 or self._watchdog is not None:
+        previous, _ACTIVITY.phase = _ACTIVITY.phase, name
+        try:
+            yield
+        finally:
+            _ACTIVITY.phase = previous
+
+    def start_watchdog(self, heartbeat_timeout: float, collective_timeout: float) -> None:
+        """Start this process's watchdog (dpbp/watchdog.py); later calls do nothing. Collective.
+
+        Every rank beats to rank 0 over a TCP side channel every
+        ``min(1 s, heartbeat_timeout / 10)``; a rank silent for ``heartbeat_timeout`` seconds,
+        or whose process died, ends the job with a message naming it; so does every rank
+        waiting inside MPI for more than ``collective_timeout`` seconds. A rank busy outside
+        MPI does not. Until the channel is up, or where it cannot be set up, each rank aborts
+        the job when one collective makes no progress for ``collective_timeout``. 0 disables
+        either. The daemon thread calls MPI_Abort (mpi4py releases the GIL inside MPI calls).
+        """
+        global _WATCHDOG
+        if _WATCHDOG is None:
+            _WATCHDOG = Watchdog(self.rank, self.size, _activity, self.abort, heartbeat_timeout, collective_timeout)
+            atexit.register(_WATCHDOG.goodbye)  # a rank that ends is not a rank that died
+            self._connect_watchdog()
+
+    def configure_watchdog(self, heartbeat_timeout: float, collective_timeout: float) -> None:
+        """Apply the config's timeouts; collective (every rank calls it, with the same values).
+
+        Starts the watchdog if nobody did; ``heartbeat_timeout = 0`` leaves the channel.
+        """
+        if _WATCHDOG is None:
+            self.start_watchdog(heartbeat_timeout, collective_timeout)
             return
+        _WATCHDOG.configure(heartbeat_timeout, collective_timeout)
+        if not _WATCHDOG.attempted:  # started with heartbeats off, now on: set up the channel
+            self._connect_watchdog()
 
-        def watch() -> None:
-            while True:
-                time.sleep(min(1.0, timeout / 10))
-                since = self._busy_since
-                if since is not None and time.monotonic() - since > timeout:
-                    sys.stderr.write(
-                        f"error on rank {self.rank}: no progress inside MPI for {timeout:g} s (a rank or host "
-                        "stopped answering; train.collective_timeout); aborting the job\n")
-                    self.abort(1)
-                    time.sleep(10)
-                    os._exit(1)  # Abort itself could not get through
+    def _connect_watchdog(self) -> None:
+        _WATCHDOG.connect(lambda obj: self.comm.bcast(obj, root=0), self.comm.allgather)
 
-        self._watchdog = threading.Thread(target=watch, name="dpbp-mpi-watchdog", daemon=True)
-        self._watchdog.start()
+    @property
+    def watchdog_status(self) -> str:
+        """This process's watchdog, in words (for ``dpbp info``)."""
+        return _WATCHDOG.status if _WATCHDOG is not None else "not started"
 
     def allreduce_(self, buf: np.ndarray) -> np.ndarray:
         with self._collective():
@@ -272,9 +323,13 @@ class MPIComm:
 
     def abort(self, code: int = 1) -> None:
         """End every rank of the job. The pause lets the launcher forward this rank's last
-        message before MPI_Abort kills the processes that would carry it."""
+        message before MPI_Abort kills the processes that would carry it. Where MPI_Abort
+        cannot get through (a host cut off from the launcher), this process exits anyway."""
+        if _WATCHDOG is not None:
+            _WATCHDOG.goodbye("abort")  # the others learn it is an abort, not a death
         sys.stdout.flush()
         sys.stderr.flush()
+        threading.Thread(target=lambda: (time.sleep(ABORT_FALLBACK), os._exit(code)), daemon=True).start()
         time.sleep(0.5)
         self.comm.Abort(code)
 

@@ -254,11 +254,20 @@ class TrainConfig:
             "with node_shared: one copy); 0 disables", min=0
         ),
     )
+    heartbeat_timeout: float = field(
+        default=30.0,
+        metadata=_meta(
+            "abort the whole job, naming the rank, when a rank sends no heartbeat (TCP, beside MPI) for "
+            "this many seconds: its host is down, its network cut or its process frozen; a rank busy "
+            "computing, reading or writing keeps beating; 0 disables",
+            min=0,
+        ),
+    )
     collective_timeout: float = field(
         default=300.0,
         metadata=_meta(
-            "abort the whole job when one MPI collective makes no progress for this many seconds "
-            "(a lost host); 0 disables",
+            "abort the whole job when every rank has waited inside one MPI collective for this many "
+            "seconds (MPI itself is stuck); without heartbeats: when one rank has; 0 disables",
             min=0,
         ),
     )
@@ -413,6 +422,14 @@ def _check_min_lr(cfg: Config) -> str | None:
     return f"must be < train.lr = {cfg.train.lr!r}, got {cfg.train.min_lr!r}"
 
 
+def _check_heartbeat_timeout(cfg: Config) -> str | None:
+    t = cfg.train.heartbeat_timeout
+    if t == 0 or t >= 1:
+        return None
+    # Under a second, a busy node's scheduling delays would pass for dead ranks.
+    return f"must be 0 (off) or at least 1 second, got {t!r}"
+
+
 def _check_node_shared(cfg: Config) -> str | None:
     t = cfg.train
     other = ("shard_optimizer = 'on'" if t.shard_optimizer == "on"
@@ -443,6 +460,7 @@ _CROSS_CHECKS: tuple[tuple[str, str, Callable[[Config], str | None]], ...] = (
         _check_softmax_width,
     ),
     ("train.min_lr", "must be < `train.lr`", _check_min_lr),
+    ("train.heartbeat_timeout", "0 (off) or at least 1", _check_heartbeat_timeout),
     (
         "train.node_shared",
         "`on` cannot be combined with `shard_optimizer = on` or `overlap_allreduce = true`",

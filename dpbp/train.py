@@ -16,9 +16,11 @@ parameters and optimizer state; node barriers separate the phases.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -75,10 +77,12 @@ def all_or_nothing(comm, fn: Callable[[], object], what: str = ""):
     Lets set-up work (reading config, data, files) fail on one node without
     leaving the other ranks waiting in a collective. Expected errors (DpbpError)
     keep their message and exit code; anything else is reported with its type.
+    ``what`` also names the rank's phase while ``fn`` runs (see ``comm.phase``).
     """
     result, failure = None, None
     try:
-        result = fn()
+        with comm.phase(what) if what else contextlib.nullcontext():
+            result = fn()
     except DpbpError as exc:
         failure = (str(exc), exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - reported collectively below
@@ -145,6 +149,26 @@ def check_data_agrees(comm, data: PreparedData) -> dict[str, dict | None]:
         raise AgreedError(f"ranks do not have the same {role} data: rank(s) {differ} differ from rank 0 ({what}); "
                           "check that every node reads the same files", 2)
     return mine
+
+
+def in_phase(name: str):
+    """Method decorator: the call runs inside ``comm.phase(name)`` (heartbeats say what a rank does).
+
+    ``comm`` is ``self.comm``, or the method's ``comm`` argument (``__init__``).
+    """
+
+    def decorate(method):
+        signature = inspect.signature(method)
+
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            comm = self.comm if hasattr(self, "comm") else signature.bind(self, *args, **kwargs).arguments["comm"]
+            with comm.phase(name):
+                return method(self, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -260,9 +284,10 @@ def evaluate(model: MLP, ds: data_mod.Dataset, comm) -> dict:
     Collective: call on every rank.
     """
     lo, hi = data_mod.shard_bounds(ds.n_samples, comm.size, comm.rank)  # DP: my rows only
-    stats = model.evaluate_sum(ds.x[lo:hi], ds.y[lo:hi], check=False)
-    sums = np.array([stats.loss_sum, stats.n_correct, stats.n], np.float64)
-    comm.allreduce_(sums)  # DP: global sums and counts
+    with comm.phase("evaluating"):
+        stats = model.evaluate_sum(ds.x[lo:hi], ds.y[lo:hi], check=False)
+        sums = np.array([stats.loss_sum, stats.n_correct, stats.n], np.float64)
+        comm.allreduce_(sums)  # DP: global sums and counts
     n = int(sums[2])
     return {"loss": sums[0] / n if n else float("nan"), "accuracy": sums[1] / n if n else float("nan"), "n": n}
 
@@ -463,6 +488,7 @@ class Trainer:
     any rank, all ranks finish the step, checkpoint and raise Preempted.
     """
 
+    @in_phase("setting up")
     def __init__(self, cfg: Config, comm, run_dir: str | Path | None = None, *,
                  echo: Callable[[str], None] | None = None, data: PreparedData | None = None,
                  stop_requested: Callable[[], bool] | None = None):
@@ -779,6 +805,7 @@ class Trainer:
 
     # -------------------------------------------------------------- epochs
 
+    @in_phase("training")
     def run(self, on_step_end: Callable[[Trainer], bool] | None = None) -> TrainResult:
         """Train until the epoch budget ends or early stopping fires (resuming from ``state``).
 
@@ -802,7 +829,7 @@ class Trainer:
                             steps_per_epoch=self.steps_per_epoch, epochs=t.epochs, log_every=t.log_every,
                             start_step=st.global_step)
         run_start = time.perf_counter()
-        self.comm.start_watchdog(t.collective_timeout)  # DP: a lost host must end the job, not hang it
+        self.comm.configure_watchdog(t.heartbeat_timeout, t.collective_timeout)  # DP: a lost host ends the job
         while st.epoch < t.epochs and not st.stopped:
             order = data_mod.epoch_permutation(n, t.seed, st.epoch, t.shuffle)  # DP: same on every rank
             epoch_start = time.perf_counter()

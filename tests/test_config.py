@@ -489,3 +489,10 @@ def test_doc_markdown_mentions_every_field():
     for line in doc.splitlines():
         if line.startswith("| `"):
             assert line.replace("\\|", "").count("|") == 6, line
+
+
+def test_heartbeat_timeout_is_off_or_at_least_a_second():
+    assert C.load_config(None, ["train.heartbeat_timeout=0"]).train.heartbeat_timeout == 0
+    assert C.load_config(None, ["train.heartbeat_timeout=1"]).train.heartbeat_timeout == 1.0
+    exc = error(C.load_config, None, ["train.heartbeat_timeout=0.5"])
+    assert exc.key == "train.heartbeat_timeout" and "0 (off) or at least 1 second, got 0.5" in str(exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,7 @@ def test_failure_on_one_rank_ends_the_job_quickly(tmp_path):
                           env={**ENV, "PYTHONPATH": env_path})
     assert proc.returncode != 0
     assert "error on rank 1: MemoryError: injected on rank 1" in proc.stderr
+    assert "stopped answering" not in proc.stderr  # rank 1 said goodbye before MPI_Abort: an abort, not a death
 
 
 def test_predict_under_mpirun_writes_every_row_once(tmp_path):
@@ -166,34 +168,191 @@ def test_ranks_with_different_configs_are_refused():
     assert proc.stderr.count("rank(s) [1] started with a different config") == 1
 
 
-def test_a_rank_that_stops_answering_ends_the_job(tmp_path):
-    """SIGSTOP one rank (as a hung node would look): the others' watchdog aborts the job."""
+def ranks_by_number(marker: str) -> dict[int, int]:
+    """{rank: PID} of the rank processes whose command line contains ``marker`` (PMI_RANK names the rank)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        rank = next((v[len(b"PMI_RANK="):] for v in env if v.startswith(b"PMI_RANK=")), None)
+        if rank is not None and any(marker.encode() in a for a in argv):
+            found[int(rank)] = int(entry.name)
+    return found
+
+
+def stop_and_wait(proc: subprocess.Popen, pids: dict[int, int], rank: int, limit: float) -> tuple[str, str, float]:
+    """SIGSTOP ``rank`` and wait for the job to end; returns (stdout, stderr, seconds it took)."""
     import signal
     import time
 
-    run_dir = tmp_path / "stall"
-    proc = subprocess.Popen([*mpirun(2), sys.executable, "-m", "dpbp.cli", "train", *PREEMPT_ARGS,
-                             "--epochs", "100000", "--set", "train.collective_timeout=3", "--run-dir", str(run_dir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 60
-    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
-        time.sleep(0.02)
-    pids = rank_pids(str(run_dir))
-    assert len(pids) == 2, pids
-    os.kill(pids[-1], signal.SIGSTOP)
+    os.kill(pids[rank], signal.SIGSTOP)
     start = time.time()
     try:
-        _, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=limit)
     finally:
-        for pid in pids:  # never leave a stopped process behind
+        for pid in pids.values():  # never leave a stopped process behind
             try:
                 os.kill(pid, signal.SIGCONT)
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    return out, err, time.time() - start
+
+
+@pytest.mark.parametrize("stopped", [1, 0])
+def test_a_rank_that_stops_answering_ends_the_job(tmp_path, stopped):
+    """SIGSTOP one rank during training (as a hung node would look): the heartbeats name it within seconds."""
+    import socket
+    import time
+
+    run_dir = tmp_path / "stall"
+    proc = subprocess.Popen([*mpirun(2), sys.executable, "-m", "dpbp.cli", "train", *PREEMPT_ARGS,
+                             "--epochs", "100000", "--set", "train.heartbeat_timeout=3", "--run-dir", str(run_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.02)
+    pids = ranks_by_number(str(run_dir))
+    assert sorted(pids) == [0, 1], pids
+    _, err, took = stop_and_wait(proc, pids, stopped, 60)
     assert proc.returncode != 0
-    assert time.time() - start < 30
-    assert "no progress inside MPI for 3 s" in err, err
+    assert took < 20, err
+    host = re.escape(socket.gethostname())
+    who = (rf"error: rank 1 \(host {host}\)" if stopped == 1 else rf"error on rank 1: rank 0 \(host {host}\)")
+    assert re.search(who + r" stopped answering: no heartbeat for \d+ s \(last seen: [^)]+\); "
+                     r"the host may be down or its network cut \(train.heartbeat_timeout\); aborting the job", err), err
+    assert err.count("stopped answering") == 1, err
+
+
+def test_a_rank_that_stops_answering_while_loading_data_ends_the_job(tmp_path):
+    """The config's heartbeat timeout applies from the moment the config is read: a rank frozen while it
+    loads a large data set is named after 3 s, not after the default 30 s."""
+    import socket
+    import time
+
+    run_dir = tmp_path / "loading"
+    proc = subprocess.Popen([*mpirun(2), sys.executable, "-m", "dpbp.cli", "train", "--set",
+                             "data.train=spirals:n=20000000", "--set", "model.layers=[2,8,3]",
+                             "--set", "train.heartbeat_timeout=3", "--run-dir", str(run_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 60
+    pids = {}
+    while time.time() < deadline and len(pids) < 2:
+        pids = ranks_by_number(str(run_dir))
+        time.sleep(0.05)
+    assert sorted(pids) == [0, 1], pids
+    time.sleep(3)  # started, config read; generating 20,000,000 points takes far longer (nothing is written yet)
+    assert proc.poll() is None and not run_dir.exists()
+    _, err, took = stop_and_wait(proc, pids, 1, 60)
+    assert proc.returncode != 0 and took < 20, err
+    assert (f"error: rank 1 (host {socket.gethostname()}) stopped answering: no heartbeat for " in err
+            and "s (last seen: loading data); the host may be down" in err), err
+
+
+def test_info_under_mpirun_shows_the_heartbeats():
+    """Every MPI command starts the watchdog before its body runs (``info`` never reads a config)."""
+    proc = run([*mpirun(3), sys.executable, "-m", "dpbp.cli", "info"], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^watchdog +heartbeats with 2 ranks on port \d+, every 1 s, timeout 30 s; collective "
+                     r"timeout 300 s$", proc.stdout, re.M), proc.stdout
+
+
+# One script, several scenarios: the body runs under dpbp's own `collective` wrapper, as the CLI commands do.
+WATCHED = """
+import os, sys, time
+from pathlib import Path
+from dpbp import watchdog
+from dpbp.cli import collective
+
+scenario, heartbeat, collective_timeout = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+if scenario == "firewall" and os.environ.get("PMI_RANK") == "1":
+    watchdog.connect_to_hub = lambda offer, hello: (None, "blocked by the test")
+
+@collective
+def body(comm):
+    comm.configure_watchdog(heartbeat, collective_timeout)
+    if scenario == "stall":  # rank 1 is slow to load its data, then freezes (the test stops it)
+        with comm.phase("loading data"):
+            if comm.rank == 1:
+                Path(sys.argv[4]).touch()
+                time.sleep(600)
+            comm.barrier()
+    elif scenario == "busy":  # rank 0 writes to slow storage; the others wait inside MPI meanwhile
+        with comm.phase("writing checkpoint"):
+            if comm.rank == 0:
+                time.sleep(3.5)
+            comm.barrier()
+        comm.barrier()
+        if comm.rank == 0:
+            print("finished", flush=True)
+    elif scenario == "firewall":  # no heartbeats: the job runs, and the per-rank timer still ends a stall
+        comm.barrier()
+        if comm.rank == 0:
+            print("still running", flush=True)
+        if comm.rank == 1:
+            time.sleep(4)
+        comm.barrier()
+
+body()
+"""
+
+
+def watched(tmp_path, ranks: int, *args: str, wait: bool = True):
+    script = tmp_path / "watched.py"
+    script.write_text(WATCHED)
+    cmd = [*mpirun(ranks), sys.executable, str(script), *args]
+    if wait:
+        return run(cmd, timeout=60)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def test_a_rank_that_stops_answering_during_set_up_ends_the_job(tmp_path):
+    """Before any training: rank 1 loads data (busy, so the job waits for it), then freezes: it is named."""
+    import socket
+    import time
+
+    marker = tmp_path / "rank1-loading"
+    proc = watched(tmp_path, 2, "stall", "3", "2", str(marker), wait=False)
+    deadline = time.time() + 60
+    while time.time() < deadline and not marker.exists():
+        time.sleep(0.02)
+    time.sleep(3)  # longer than collective_timeout: rank 0 waits inside MPI, rank 1 is busy, nobody aborts
+    assert proc.poll() is None, proc.communicate()
+    pids = ranks_by_number(str(tmp_path / "watched.py"))
+    assert sorted(pids) == [0, 1], pids
+    _, err, took = stop_and_wait(proc, pids, 1, 60)
+    assert proc.returncode != 0 and took < 20, err
+    assert (f"error: rank 1 (host {socket.gethostname()}) stopped answering: no heartbeat for " in err
+            and "s (last seen: loading data); the host may be down" in err), err
+    assert err.count("error") == 1, err
+
+
+def test_a_busy_rank_does_not_end_the_job(tmp_path):
+    """Rank 0 busy outside MPI for 3.5x train.collective_timeout while 2 ranks wait for it: the job finishes."""
+    proc = watched(tmp_path, 3, "busy", "3", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("finished") == 1
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1, proc.stderr
+    assert re.fullmatch(r"note: (rank [12] has|ranks 1, 2 have) waited \d s inside MPI for rank 0 "
+                        r"\(writing checkpoint\), which still answers: the job goes on", notes[0]), notes
+
+
+def test_a_rank_that_cannot_reach_rank_0_turns_heartbeats_off_but_not_the_timer(tmp_path):
+    proc = watched(tmp_path, 2, "firewall", "3", "2")
+    assert proc.stdout.count("still running") == 1, proc.stdout + proc.stderr  # no hang, no abort for that alone
+    warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and warning[0].startswith("warning: heartbeats are off: rank 1 could not reach rank 0 "
+                                                       "at "), proc.stderr
+    assert "(rank 1: blocked by the test)" in warning[0]
+    assert proc.returncode != 0
+    assert "error on rank 0: no progress inside MPI for 2 s (setting up; a rank or host stopped answering; " \
+           "train.collective_timeout); aborting the job" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("case", ["content", "rows"])
