@@ -95,12 +95,19 @@ def collective(fn):
 
 
 def one_process(fn):
-    """For commands that never use MPI: an expected error is one message and its exit code."""
+    """For commands that never use MPI: an expected error is one message and its exit code.
+
+    Started by an MPI launcher (``mpirun -n 3 dpbp config show``), the command runs on the
+    launcher's rank 0 alone: the other ranks exit 0 at once, so it prints once and writes its
+    file once; the launcher reports rank 0's exit code.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from dpbp.errors import DpbpError
 
+        if not _launcher_root():
+            sys.exit(0)
         try:
             return fn(*args, **kwargs)
         except DpbpError as exc:
@@ -199,23 +206,27 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 def train(config_file, overrides, epochs, batch_size, lr, seed, run_dir, resume, overwrite):
     """Train a model (one process, or every rank under mpirun/srun).
 
-    SIGTERM, SIGINT or SIGUSR1 make every rank finish its step, write a checkpoint and exit with
+    SIGTERM, SIGINT, SIGUSR1 or SIGHUP make every rank finish its step, write a checkpoint and exit with
     code 75; run the same command with --resume auto to continue exactly.
     """
     from dpbp.signals import StopRequest
 
-    stop = StopRequest().install()  # before MPI starts: a signal at any moment of set-up exits 75
+    stop = StopRequest.active()  # the dpbp process installed it first thing (entry)
+    mine = stop is None
+    if mine:  # called as a library (CliRunner, scripts): before MPI starts, and only while it runs
+        stop = StopRequest().install()
     try:
         _train(stop, config_file, overrides, epochs, batch_size, lr, seed, run_dir, resume, overwrite)
     finally:
-        stop.uninstall()  # leave the caller's handlers as they were (library and test callers)
+        if mine:
+            stop.uninstall()  # leave the caller's handlers as they were
 
 
 @collective
 def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run_dir, resume, overwrite):
     from dpbp import config as config_mod
     from dpbp import rundir
-    from dpbp.train import Trainer
+    from dpbp.train import AgreedError, Trainer, frozen_changes
 
     echo = _echo(comm)
     if resume and overwrite:
@@ -233,10 +244,24 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
         cfg = _load_config(comm, config_file, overrides, base=base)
         comm.configure_watchdog(cfg.train.heartbeat_timeout, cfg.train.collective_timeout)
     restart = resume == "auto" and point is None
+    if restart and home is not None:
+        # A recorded run that never wrote a checkpoint starts again from the beginning, as it was
+        # recorded: its config.toml is the base, and what defines the model or the data stays.
+        recorded = _agreed(comm, lambda: _recorded_config(home) if comm.is_root else None,
+                           f"reading the config recorded in {home}", root_only=True)
+        recorded = comm.bcast_obj(recorded)
+        if recorded is not None:
+            base = config_mod.from_dict(recorded)
+            cfg = _load_config(comm, config_file, overrides, base=base)
+            changed = frozen_changes(recorded, config_mod.replace(cfg, **{"run.dir": str(home)}))
+            if changed:
+                raise AgreedError(f"{home} records a run that starts again from the beginning (it wrote no "
+                                  f"checkpoint), so {', '.join(changed)} cannot change (recorded in "
+                                  f"{home / rundir.CONFIG_FILE}); start a new run directory instead", 2)
     folder = home if home is not None else rundir.RUNS_ROOT
     # Refuse early, before loading data; claiming the directory checks again, under its lock.
     _agreed(comm, lambda: _refuse(rundir.refusal(folder, point, overwrite, restart)) if home is not None and
-            comm.is_root else None, f"checking the run directory {folder}")
+            comm.is_root else None, f"checking the run directory {folder}", root_only=True)
     for line in notes:
         echo(line)
     cfg = config_mod.replace(cfg, **{"run.dir": str(folder)})
@@ -275,10 +300,20 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
     echo("done: " + " | ".join(parts) + f" | model: {path / 'model.npz'}")
 
 
-def _agreed(comm, fn, what: str):
+def _agreed(comm, fn, what: str, root_only: bool = False):
     from dpbp.train import all_or_nothing
 
-    return all_or_nothing(comm, fn, what)
+    return all_or_nothing(comm, fn, what, root_only=root_only)
+
+
+def _recorded_config(folder: Path) -> dict | None:
+    """The config recorded in run directory ``folder`` (its config.toml), when it holds a recorded run."""
+    from dpbp import config as config_mod
+    from dpbp import rundir
+
+    if rundir.read_record(folder) is None or not (folder / rundir.CONFIG_FILE).is_file():
+        return None
+    return config_mod.to_dict(config_mod.load_config(str(folder / rundir.CONFIG_FILE)))
 
 
 def _refuse(reason: str | None) -> None:
@@ -331,14 +366,16 @@ def _resume_point(comm, resume: str, given: Path | None):
             raise CheckpointError(f"{path}: malformed lineage ({exc})") from None
         if home is None:
             home = rundir.home_of_checkpoint(path, run)
+            if home is None and run is None:
+                raise rundir.RunDirError(f"{path} was written by an older dpbp, which recorded no run to continue; "
+                                         "give --run-dir NEW_DIR to start a new run from it")
             if home is None:
-                raise rundir.RunDirError(
-                    f"{path} is not inside the run directory that wrote it"
-                    f"{' (it has no recorded run: an older dpbp)' if run is None else ''}; give --run-dir: a new "
-                    "or empty directory starts a new run from this checkpoint")
+                raise rundir.RunDirError(f"{path} is not inside the run directory that wrote it (run "
+                                         f"{run['run_id'][:8]}); give --run-dir: a new or empty directory starts "
+                                         "a new run from this checkpoint")
         return rundir.Resume(path, run), home, meta, skipped
 
-    found = _agreed(comm, find, f"looking for the checkpoint to resume ({resume})")
+    found = _agreed(comm, find, f"looking for the checkpoint to resume ({resume})", root_only=True)
     point, home, meta, skipped = comm.bcast_obj(found)
     notes = [f"warning: skipping checkpoint: {reason}" for reason in skipped]
     if point is None:
@@ -370,7 +407,7 @@ def evaluate(comm, model_path, source, label_column, seed, as_json):
     """
     from dpbp import data as data_mod
     from dpbp.checkpoint import load_network
-    from dpbp.train import all_or_nothing
+    from dpbp.train import all_or_nothing, check_data_agrees
     from dpbp.train import evaluate as evaluate_model
 
     def load():
@@ -382,6 +419,7 @@ def evaluate(comm, model_path, source, label_column, seed, as_json):
         return model, ds
 
     model, ds = all_or_nothing(comm, load, "loading")
+    check_data_agrees(comm, {"evaluation": ds})  # DP: node-local copies that differ would mix two data sets
     metrics = evaluate_model(model, ds, comm)
     echo = _echo(comm)
     if as_json:
@@ -573,6 +611,11 @@ def entry(args: list[str] | None = None) -> None:
     a usage error, 0 for help and version, 1 for an interrupt during parsing.
     Never returns: exits the process.
     """
+    words = [a for a in (sys.argv[1:] if args is None else args) if not a.startswith("-")]
+    if words[:1] == ["train"]:
+        from dpbp.signals import StopRequest
+
+        StopRequest().install()  # kept until the process exits: a signal is a stop request, never a kill
     root = _launcher_root()
     try:
         code = main.main(args, prog_name="dpbp", standalone_mode=False)

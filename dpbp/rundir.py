@@ -52,8 +52,10 @@ RUNS_ROOT = Path("runs")
 NUMBERED = re.compile(r"run-(\d+)")
 # The files dpbp writes at the top of a run directory; a symlink at any of these names is refused.
 OUTPUT_FILES = (RUN_RECORD, LOCK_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, PLOT_FILE)
-# Temporary names of interrupted atomic writes (checkpoint.atomic_write_npz, write_text_atomic).
-TEMP_FILE = re.compile(r"\.[^/]+\.tmp")
+# Temporary names of interrupted atomic writes (checkpoint.atomic_replace): "." + the file's name +
+# "." + mkstemp's random part + ".tmp", for the files dpbp writes in a run directory.
+TEMP_FILE = re.compile(r"\.(step-\d+\.npz|best\.npz|model\.npz|config\.toml|metrics\.jsonl|run\.json)"
+                       r"\.[A-Za-z0-9_]+\.tmp")
 
 
 class RunDirError(DpbpError):
@@ -313,9 +315,10 @@ def scan_lineage(folder: Path, run_id: str) -> tuple[list[Entry], list[tuple[Pat
 
 
 def symlink_problem(folder: Path) -> str | None:
-    """Why ``folder`` cannot be used because a file dpbp writes there (or in checkpoints/) is a symlink."""
-    candidates = [folder / name for name in OUTPUT_FILES]
-    if (folder / CHECKPOINT_DIR).is_dir():
+    """Why ``folder`` cannot be used because something dpbp writes, prunes or moves there is a symlink
+    (a file, or the checkpoints/ and abandoned/ folders themselves, or a file in checkpoints/)."""
+    candidates = [folder / name for name in (*OUTPUT_FILES, CHECKPOINT_DIR, ABANDONED_DIR)]
+    if (folder / CHECKPOINT_DIR).is_dir() and not (folder / CHECKPOINT_DIR).is_symlink():
         candidates += list((folder / CHECKPOINT_DIR).iterdir())
     links = [p for p in candidates if p.is_symlink()]
     if links:
@@ -391,14 +394,15 @@ def claim(folder: Path, *, command: list[str], resume: Resume | None, overwrite:
         if removed:
             messages.append(f"removed {removed} temporary file{'s' if removed > 1 else ''} of an interrupted save "
                             f"in {folder}")
-        run.entries, others = scan_lineage(run.checkpoint_dir, run.run_id)
+        run.entries, strays = scan_lineage(run.checkpoint_dir, run.run_id)
         seen = max((e.seq for e in run.entries), default=0)
         record["next_seq"] = max(record["next_seq"], seen + 1)
         if resume is not None and resume.run is not None and resume.run["run_id"] == run.run_id:
-            _branch(run, resume, others)
-        else:
-            for path, why in others:
-                messages.append(f"warning: {path} is not part of this run's lineage ({why}); it is left alone")
+            _branch(run, resume, strays)
+        elif restart and (folder / METRICS_FILE).is_file() and (folder / METRICS_FILE).stat().st_size:
+            _set_aside(run, "restart", strays, [], copies=[folder / METRICS_FILE])  # epochs never checkpointed
+        elif strays:
+            _set_aside(run, "not-this-run", strays, [])
         run.save_record()
         for name, text in (files or {}).items():
             write_text_atomic(folder / name, text(folder) if callable(text) else text)
@@ -437,19 +441,25 @@ def refusal(folder: Path, resume: Resume | None, overwrite: bool = False, restar
     if resume is not None:
         if record is not None and resume.run is not None and resume.run["run_id"] == record["run_id"]:
             return None
+        if record is None:
+            return _older_run(folder, held)
         whose = f"run {resume.run['run_id'][:8]}" if resume.run else "no recorded run (an older dpbp)"
         return (f"{folder} holds {held}, but {resume.path} belongs to {whose}; continue it in its own run "
                 "directory, or start a new one from it with --run-dir NEW_DIR")
     if restart and record is not None:
         return None
-    if record is None and restart:
-        return (f"{folder} holds {held}, written by an older dpbp: it cannot be continued by lineage; start "
-                f"a new run from one of its checkpoints with --resume {folder}/{CHECKPOINT_DIR}/step-N.npz "
-                "--run-dir NEW_DIR")
-    if not overwrite:
-        return (f"{folder} already holds {held}; continue it with --resume auto, replace it with --overwrite, "
-                "or choose another --run-dir")
-    return None
+    if overwrite:
+        return None
+    if record is None:
+        return _older_run(folder, held) + ", replace it with --overwrite, or choose another --run-dir"
+    return (f"{folder} already holds {held}; continue it with --resume auto, replace it with --overwrite, "
+            "or choose another --run-dir")
+
+
+def _older_run(folder: Path, held: str) -> str:
+    return (f"{folder} holds {held}: an older dpbp wrote it and recorded no run, so it cannot be continued "
+            f"there; start a new run from one of its checkpoints with --resume {folder}/{CHECKPOINT_DIR}/step-N.npz "
+            "--run-dir NEW_DIR")
 
 
 def _check_and_record(folder: Path, resume: Resume | None, overwrite: bool, restart: bool, command: list[str],
@@ -479,43 +489,58 @@ def _new_record(folder: Path, command: list[str], origin: dict | None) -> dict:
     }
 
 
-def _branch(run: RunDirectory, resume: Resume, others: list[tuple[Path, str]]) -> None:
+def _branch(run: RunDirectory, resume: Resume, strays: list[tuple[Path, str]]) -> None:
     """Resuming run.run_id from an older checkpoint: move the abandoned future out of the lineage.
 
     The future is every checkpoint of this run saved after the resume point (``seq`` larger; it was
-    saved later, so it is not an ancestor), files in checkpoints/ that cannot be read, a model.npz
-    or best.npz made from that future, and the metrics log that covers it.
+    saved later, so it is not an ancestor), a model.npz made from that future, and a copy of the
+    metrics log that covers it; files in checkpoints/ that are not this run's go with them.
     """
     point = resume.run["seq"]
     future = [e for e in run.entries if e.seq > point]
-    unreadable = [p for p, why in others if why.startswith("unreadable")]
-    for path, why in others:
-        if not why.startswith("unreadable"):
-            run.messages.append(f"warning: {path} is not part of this run's lineage ({why}); it is left alone")
     model = run.path / MODEL_FILE
-    model_future = model.is_file() and _model_seq(model) > point
-    if not (future or unreadable or model_future):
+    moves = [model] if model.is_file() and _model_seq(model) > point else []
+    if not (future or moves):  # continuing the head of the lineage: no branch
+        if strays:
+            _set_aside(run, "not-this-run", strays, [])
         return
     step = resume.run.get("step")
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    target = run.path / ABANDONED_DIR / f"{stamp}-from-step-{step}"
-    (target / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=False)
-    moved = []
-    for path in [e.path for e in future] + unreadable:
-        path.rename(target / CHECKPOINT_DIR / path.name)
-        moved.append(f"{CHECKPOINT_DIR}/{path.name}")
+    target = _set_aside(run, f"from-step-{step}", strays, moves, future=future,
+                        copies=[run.path / METRICS_FILE])
     run.entries = [e for e in run.entries if e.seq <= point]
-    if model_future:
-        model.rename(target / MODEL_FILE)
-        moved.append(MODEL_FILE)
-    metrics = run.path / METRICS_FILE
-    if metrics.is_file():
-        shutil.copy2(metrics, target / METRICS_FILE)
-        moved.append(METRICS_FILE + " (copy)")
     run.record["branches"].append({"time": now_text(), "from_seq": point, "from_step": step,
                                    "from_checkpoint": str(resume.path), "moved_to": str(target)})
-    run.messages.append(f"branching from step {step} (checkpoint seq {point}): moved the abandoned future "
-                        f"({', '.join(moved)}) to {target}")
+    note = run.messages.pop()
+    run.messages.append(f"branching from step {step} (checkpoint seq {point}): {note}")
+    if any(e.best for e in future):
+        run.messages.append(f"note: best.npz belonged to the abandoned future; this branch writes its own when its "
+                            f"validation loss improves on the best recorded at step {step}")
+
+
+def _set_aside(run: RunDirectory, label: str, strays: list[tuple[Path, str]], moves: list[Path], *,
+               future: list[Entry] = (), copies: list[Path] = ()) -> Path:
+    """Move ``future`` checkpoints, ``strays`` (files in checkpoints/ that are not this run's, with
+    why) and ``moves`` (top-level files) to ``abandoned/<UTC time>-<label>/``, copying ``copies``;
+    add one line saying what went where. Returns that folder."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = run.path / ABANDONED_DIR / f"{stamp}-{label}"
+    (target / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=False)
+    moved = []
+    for path in [e.path for e in future] + [p for p, _ in strays]:
+        path.rename(target / CHECKPOINT_DIR / path.name)
+        moved.append(f"{CHECKPOINT_DIR}/{path.name}")
+    for path in moves:
+        path.rename(target / path.name)
+        moved.append(path.name)
+    for path in copies:
+        if path.is_file():
+            shutil.copy2(path, target / path.name)
+            moved.append(f"{path.name} (copy)")
+    why = "; ".join(f"{p.name}: {reason}" for p, reason in strays)
+    what = {"restart": "the log of the epochs that were never checkpointed",
+            "not-this-run": "files that are not part of this run's lineage"}.get(label, "the abandoned future")
+    run.messages.append(f"moved {what} ({', '.join(moved)}{'; ' + why if why else ''}) to {target}")
+    return target
 
 
 def _model_seq(path: Path) -> float:
@@ -544,8 +569,8 @@ def find_latest(folder: Path, verify) -> tuple[Path | None, list[str]]:
     record = read_record(folder)
     if record is None:
         return None, []
-    entries, others = scan_lineage(folder / CHECKPOINT_DIR, record["run_id"])
-    skipped = [f"{path}: {why}" for path, why in others]
+    entries, _ = scan_lineage(folder / CHECKPOINT_DIR, record["run_id"])  # the others: moved aside when claimed
+    skipped = []
     for entry in sorted(entries, key=lambda e: e.seq, reverse=True):
         try:
             verify(entry.path)

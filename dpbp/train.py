@@ -71,12 +71,14 @@ class AgreedError(DpbpError):
         self.exit_code = exit_code
 
 
-def all_or_nothing(comm, fn: Callable[[], object], what: str = ""):
+def all_or_nothing(comm, fn: Callable[[], object], what: str = "", *, root_only: bool = False):
     """Run ``fn`` on every rank; if it fails on any rank, raise the same AgreedError on all.
 
     Lets set-up work (reading config, data, files) fail on one node without
     leaving the other ranks waiting in a collective. Expected errors (DpbpError)
     keep their message and exit code; anything else is reported with its type.
+    A failure on some ranks only is prefixed with the first failing rank, unless
+    ``root_only`` (``fn`` does its work on rank 0 alone, so naming rank 0 says nothing).
     ``what`` also names the rank's phase while ``fn`` runs (see ``comm.phase``).
     """
     result, failure = None, None
@@ -92,7 +94,7 @@ def all_or_nothing(comm, fn: Callable[[], object], what: str = ""):
     if bad:
         rank, (message, code) = bad[0]
         same_everywhere = len(bad) == comm.size and all(f == bad[0][1] for _, f in bad)
-        if comm.size > 1 and not same_everywhere:
+        if comm.size > 1 and not same_everywhere and not (root_only and rank == 0):
             message = f"rank {rank}: {message}"
         raise AgreedError(message, code)
     return result
@@ -124,15 +126,17 @@ def dataset_digest(ds: data_mod.Dataset | None) -> dict | None:
     return {"rows": ds.n_samples, "shape": [list(ds.x.shape), list(ds.y.shape)], "sha256": h.hexdigest()[:32]}
 
 
-def check_data_agrees(comm, data: PreparedData) -> dict[str, dict | None]:
+def check_data_agrees(comm, data: PreparedData | dict[str, data_mod.Dataset | None]) -> dict[str, dict | None]:
     """Every rank must train on the same data: compare each rank's digests with rank 0's (collective).
 
     Ranks that read node-local copies of a file that differ would otherwise train silently as
     one (same length) or wait for each other forever (different lengths). Raises AgreedError
-    (exit 2) naming the ranks and what differs; returns this rank's digests.
+    (exit 2) naming the ranks and what differs; returns this rank's digests. ``data``: the
+    prepared training data, or ``{role: data set}`` (e.g. what ``dpbp evaluate`` reads).
     """
-    mine = {role: dataset_digest(ds) for role, ds in (("train", data.train), ("validation", data.val),
-                                                        ("test", data.test))}
+    if isinstance(data, PreparedData):
+        data = {"train": data.train, "validation": data.val, "test": data.test}
+    mine = {role: dataset_digest(ds) for role, ds in data.items()}
     everyone = comm.allgather_obj(mine)
     for role, ref in everyone[0].items():
         differ = [r for r, d in enumerate(everyone) if d[role] != ref]
@@ -284,8 +288,8 @@ def evaluate(model: MLP, ds: data_mod.Dataset, comm) -> dict:
     Collective: call on every rank.
     """
     lo, hi = data_mod.shard_bounds(ds.n_samples, comm.size, comm.rank)  # DP: my rows only
-    with comm.phase("evaluating"):
-        stats = model.evaluate_sum(ds.x[lo:hi], ds.y[lo:hi], check=False)
+    with comm.phase("evaluating"), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        stats = model.evaluate_sum(ds.x[lo:hi], ds.y[lo:hi], check=False)  # a diverged model: loss inf/nan
         sums = np.array([stats.loss_sum, stats.n_correct, stats.n], np.float64)
         comm.allreduce_(sums)  # DP: global sums and counts
     n = int(sums[2])
@@ -817,7 +821,8 @@ class Trainer:
         if self.run_dir is not None and not self._claimed:
             self.claim_run_dir()
         try:
-            return self._run(on_step_end)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # NaN/Inf: reported by the checks
+                return self._run(on_step_end)
         finally:
             self.release_run_dir()
 
@@ -958,7 +963,8 @@ class Trainer:
                 return None
             arrays, meta = ckpt.load_checkpoint(best[0].path)
             st = meta["state"]  # saved at the end of the best epoch: ``epoch`` counts it as done
-            return arrays["params"], {**meta["run"], "epoch": st["epoch"], "val_loss": st["best_val_loss"]}
+            return arrays["params"], {**meta["run"], "epoch": st["epoch"], "val_loss": st["best_val_loss"],
+                                      "step": st["global_step"]}
 
         found = all_or_nothing(self.comm, read, "reading the best checkpoint")
         info = self.comm.bcast_obj(found[1] if found is not None else None)
@@ -969,7 +975,8 @@ class Trainer:
         params = found[0] if self.comm.is_root else np.empty_like(self.model.params)
         self.comm.bcast_(params)  # DP: every rank continues with rank 0's best parameters
         self._set_params(params)
-        self._model_lineage = {**self._model_lineage, "restored_best": info["seq"]}
+        self._model_lineage = {**self._model_lineage, "restored_best": info["seq"], "step": info["step"],
+                               "final_step": self.state.global_step}
         self.echo(f"restored the best model: epoch {info['epoch']}, val loss {info['val_loss']:.4f} "
                   "(checkpoint.restore_best)")
 
@@ -1008,6 +1015,7 @@ class Trainer:
             "history": self.history,
             "world_size": self.comm.size,  # informational: resuming on another rank count is fine
             "data_digest": self.data_digest,
+            "validation_digest": (self._digests["validation"] or {}).get("sha256"),
             "normalize": norm.kind,
         }
         return arrays, meta
@@ -1123,14 +1131,14 @@ class Trainer:
             def config(path: Path) -> str:  # names the directory, which a numbered run learns when it is made
                 return config_mod.to_toml(config_mod.replace(self.cfg, **{"run.dir": str(path)}))
 
+            metrics = "".join(json.dumps(_strict_json(r)) + "\n" for r in self.history)
             run = rundir_mod.claim(self.run_dir, command=command, resume=resume, overwrite=overwrite,
-                                   restart=restart, numbered=numbered, files={
-                                       rundir_mod.CONFIG_FILE: config,
-                                       rundir_mod.METRICS_FILE: "".join(json.dumps(r) + "\n" for r in self.history)})
+                                   restart=restart, numbered=numbered,
+                                   files={rundir_mod.CONFIG_FILE: config, rundir_mod.METRICS_FILE: metrics})
             self.rundir = run
             return str(run.path), run.messages
 
-        claimed = all_or_nothing(self.comm, claim, f"claiming the run directory {self.run_dir}")
+        claimed = all_or_nothing(self.comm, claim, f"claiming the run directory {self.run_dir}", root_only=True)
         path, messages = self.comm.bcast_obj(claimed)
         self.run_dir = Path(path)
         self.cfg = config_mod.replace(self.cfg, **{"run.dir": path})
@@ -1164,37 +1172,62 @@ class Trainer:
         if meta["optimizer"].get("name") != self.optimizer.name:
             raise CheckpointError(f"{path} was trained with optimizer {meta['optimizer'].get('name')!r}; "
                                   f"the config asks for {self.optimizer.name!r}")
-        saved = _flatten(meta["config"])
-        frozen = [k for k, v in _flatten(config_mod.to_dict(self.cfg)).items()
-                  if k.startswith(FROZEN_ON_RESUME) and saved.get(k) != v]
+        frozen = frozen_changes(meta["config"], self.cfg)
         if frozen:
             raise CheckpointError(f"{path}: cannot resume with changed {', '.join(frozen)} "
                                   "(they define the model or the data order); start a new run directory instead")
         if meta.get("data_digest") != self.data_digest:
             raise CheckpointError(f"{path}: the training data differs from the data this checkpoint was trained on")
+        mine = (self._digests["validation"] or {}).get("sha256")
+        if "validation_digest" in meta and meta["validation_digest"] != mine:  # early stopping and best.npz use it
+            raise CheckpointError(f"{path}: the validation data differs from the data this run validated on")
 
 
 def _flatten(d: dict) -> dict:
     return {f"{section}.{key}": value for section, table in d.items() for key, value in table.items()}
 
 
+def frozen_changes(saved: dict, cfg: Config) -> list[str]:
+    """The keys of ``FROZEN_ON_RESUME`` whose value in ``cfg`` differs from the ``saved`` config (a dict)."""
+    before = _flatten(saved)
+    return [k for k, v in _flatten(config_mod.to_dict(cfg)).items()
+            if k.startswith(FROZEN_ON_RESUME) and before.get(k) != v]
+
+
+def _strict_json(value):
+    """``value`` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def append_metrics(run_dir: Path, record: dict) -> None:
     """Rank 0: append ``record`` as one JSON line to ``run_dir/metrics.jsonl`` (created if missing).
 
-    One ``write`` with O_APPEND, so a reader never sees half a line from a live run
-    unless the disk fills mid-line. Never writes through a symlink (O_NOFOLLOW).
-    Raises SaveError with one line naming the file on any OSError (full disk, quota,
-    I/O error, read-only or vanished folder).
+    Writes with O_APPEND; when the disk fills mid-line the file is cut back to its last whole
+    line, so it always stays readable JSON lines. NaN/Inf values are written as null (strict
+    JSON). Never writes through a symlink (O_NOFOLLOW). Raises SaveError with one line naming
+    the file on any OSError (full disk, quota, I/O error, read-only or vanished folder).
     """
     path = Path(run_dir) / rundir_mod.METRICS_FILE
-    data = (json.dumps(record) + "\n").encode()
+    data = (json.dumps(_strict_json(record), allow_nan=False) + "\n").encode()
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o644)
         try:
+            start = os.fstat(fd).st_size
             view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            try:
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)  # no half line left behind
+                raise
         finally:
             os.close(fd)
     except OSError as exc:

@@ -37,7 +37,7 @@ SMALL_ROWS = 300  # spirals:n=300 -> 270 train + 30 validation rows
 METRIC_KEYS = {"epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
                "samples_per_s", "seconds"}
 LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "MV2_")
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -107,3 +107,28 @@ def test_full_disk_under_mpirun_ends_every_rank_with_one_message(tmp_path):
     assert "rank 0: cannot append to" in proc.stderr  # only rank 0 failed, and it is named
     assert "Traceback" not in proc.stderr and "error on rank" not in proc.stderr, proc.stderr
     assert not (tmp_path / "run" / "model.npz").exists()
+
+
+def test_a_disk_that_fills_mid_line_leaves_whole_lines(tmp_path, monkeypatch):
+    append_metrics(tmp_path, {"epoch": 1, "loss": 0.5})
+    real_write = os.write
+    calls = []
+
+    def fills_up(fd, data):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, bytes(data[:5]))  # the first bytes of the line go down, then the disk is full
+
+    monkeypatch.setattr(os, "write", fills_up)
+    with pytest.raises(SaveError, match="No space left on device"):
+        append_metrics(tmp_path, {"epoch": 2, "loss": 0.25})
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1, "loss": 0.5}\n'
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path):
+    append_metrics(tmp_path, {"epoch": 1, "val_loss": float("nan"), "grad_norm": [float("inf"), 0.5]})
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}")) == \
+        {"epoch": 1, "val_loss": None, "grad_norm": [None, 0.5]}

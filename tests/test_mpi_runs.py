@@ -397,3 +397,21 @@ def test_sigterm_during_set_up_under_mpirun_exits_75_once_and_writes_nothing(tmp
     assert proc.returncode == 75, out + err
     assert err.count("error:") == 1 and "stopped by SIGTERM before training started" in err, err
     assert not run_dir.exists()
+
+
+def test_evaluate_with_different_data_per_rank_is_refused(tmp_path):
+    train = run([sys.executable, "-m", "dpbp.cli", "train", *TRAIN_ARGS, "--run-dir", str(tmp_path / "run")])
+    assert train.returncode == 0, train.stderr
+    rng = np.random.default_rng(0)
+    for rank in range(2):
+        (tmp_path / f"rank{rank}").mkdir()
+        np.savez(tmp_path / f"rank{rank}" / "test.npz", x=rng.normal(size=(50, 2)), y=rng.integers(0, 3, 50))
+    script = tmp_path / "evaluate_here.py"
+    script.write_text(
+        "import os, sys\n"
+        "os.chdir(os.path.join(sys.argv[1], 'rank' + os.environ['PMI_RANK']))\n"
+        "from dpbp.cli import main\n"
+        "main(['evaluate', '--model', os.path.join(sys.argv[1], 'run', 'model.npz'), '--data', 'test.npz'])\n")
+    proc = run([*mpirun(2), sys.executable, str(script), str(tmp_path)], timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("ranks do not have the same evaluation data: rank(s) [1]") == 1, proc.stderr

@@ -28,7 +28,7 @@ from dpbp.config import load_config
 from dpbp.train import Preempted, Trainer
 
 SMALL = ["--set", "data.train=spirals:n=300", "--set", "model.layers=[2,8,3]", "--set", "model.dtype=float64"]
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "DPBP_COMM": "serial"}
 
 
@@ -264,22 +264,53 @@ def test_a_directory_of_an_older_dpbp_is_not_continued_by_guessing(tmp_path):
     (old / "config.toml").write_text("")
     result = train("--run-dir", old, "--resume", "auto")
     assert result.exit_code == 2 and "older dpbp" in result.output
+    plain = train("--run-dir", old)  # the advice must not send the user to --resume auto
+    assert plain.exit_code == 2 and "--resume auto" not in plain.output and "--overwrite" in plain.output
+    assert f"--resume {old}/checkpoints/step-N.npz --run-dir NEW_DIR" in plain.output
     assert sorted(p.name for p in old.iterdir()) == ["checkpoints", "config.toml"]
 
 
-def test_resume_auto_never_switches_to_another_runs_checkpoint(tmp_path):
+def test_resume_auto_never_switches_to_another_runs_checkpoint_nor_overwrites_it(tmp_path):
     mine, other = tmp_path / "mine", tmp_path / "other"
     assert train("--epochs", "1", "--run-dir", mine).exit_code == 0
     assert invoke("train", "--set", "data.train=spirals:n=300", "--set", "model.layers=[2,16,3]", "--epochs", "3",
                   "--run-dir", other).exit_code == 0
-    stray = mine / "checkpoints" / "step-000000999.npz"  # another run's newer checkpoint, copied in
-    stray.write_bytes((other / "checkpoints" / "step-000000015.npz").read_bytes())
+    foreign = (other / "checkpoints" / "step-000000015.npz").read_bytes()
+    newer = mine / "checkpoints" / "step-000000999.npz"  # another run's newer checkpoint, copied in
+    newer.write_bytes(foreign)
+    clash = mine / "checkpoints" / "step-000000010.npz"  # ... and one where this run will save next
+    clash.write_bytes(foreign)
     result = train("--epochs", "2", "--run-dir", mine, "--resume", "auto")
     assert result.exit_code == 0, result.output
     assert "resumed from" in result.output and "step-000000005.npz" in result.output
-    assert f"{stray}: belongs to run" in result.output
+    assert result.output.count("step-000000999.npz: belongs to run") == 1, result.output
     assert list(load_model(mine / "model.npz").sizes) == [2, 8, 3]
-    assert stray.is_file()  # not ours: left alone
+    aside = list((mine / "abandoned").glob("*-not-this-run/checkpoints"))
+    assert len(aside) == 1 and (aside[0] / newer.name).read_bytes() == foreign  # kept, out of the lineage
+    assert (aside[0] / clash.name).read_bytes() == foreign  # not overwritten by this run's own step 10
+    assert rundir.peek_checkpoint_run(clash)["run_id"] == json.loads((mine / "run.json").read_text())["run_id"]
+
+
+def test_a_run_that_never_checkpointed_restarts_as_recorded(tmp_path):
+    """--resume auto on a run killed before its first checkpoint: it starts again with its recorded config;
+    a change to what defines the model is refused, and the log of the lost epochs is kept aside."""
+    run_dir = tmp_path / "run"
+    cfg = small_config("data.train=spirals:n=300", "model.layers=[2,8,3]", "checkpoint.every_epochs=0",
+                       "checkpoint.keep_best=false", "train.epochs=3")
+    t = Trainer(cfg, SerialComm(), run_dir, echo=lambda s: None)
+    with pytest.raises(KeyboardInterrupt):  # killed after its first epoch, before any checkpoint
+        t.run(on_step_end=lambda t: (_ for _ in ()).throw(KeyboardInterrupt) if t.state.epoch == 1 else False)
+    assert not (run_dir / "checkpoints").exists() and (run_dir / "metrics.jsonl").read_text()
+    before = snapshot(run_dir)
+    refused = invoke("train", "--run-dir", run_dir, "--resume", "auto", "--set", "model.layers=[2,16,3]")
+    assert refused.exit_code == 2 and "model.layers cannot change" in refused.output, refused.output
+    assert snapshot(run_dir) == before
+    again = invoke("train", "--run-dir", run_dir, "--resume", "auto")
+    assert again.exit_code == 0, again.output
+    assert "[2, 8, 3]" in again.output and "spirals:n=300" in again.output  # the recorded run, not the defaults
+    assert "moved the log of the epochs that were never checkpointed" in again.output
+    assert list((run_dir / "abandoned").glob("*-restart/metrics.jsonl"))
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 # ----------------------------------------------------------------------------- the small ones
@@ -292,10 +323,14 @@ def test_temporary_files_of_an_interrupted_save_are_removed_at_the_next_start(tm
                  run_dir / ".config.toml.abc.tmp"]
     for path in leftovers:
         path.write_bytes(b"half a file")
+    users = [run_dir / ".mynotes.tmp", run_dir / ".notes.txt.abc.tmp"]  # not dpbp's: kept
+    for path in users:
+        path.write_text("mine")
     result = train("--epochs", "2", "--run-dir", run_dir, "--resume", "auto")
     assert result.exit_code == 0, result.output
     assert "removed 3 temporary files of an interrupted save" in result.output
     assert not any(p.exists() for p in leftovers)
+    assert all(p.read_text() == "mine" for p in users)
 
 
 @pytest.mark.parametrize("name", ["metrics.jsonl", "model.npz", "config.toml", "run.json",
@@ -312,6 +347,25 @@ def test_a_symlink_in_the_run_directory_is_never_written_through(tmp_path, name)
     assert precious.read_text() == "do not touch"
 
 
+@pytest.mark.parametrize("name", ["checkpoints", "abandoned"])
+def test_a_symlinked_folder_in_the_run_directory_is_never_written_through(tmp_path, name):
+    run_dir = tmp_path / "run"
+    assert train("--epochs", "2", "--run-dir", run_dir).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    if name == "checkpoints":
+        (run_dir / name).rename(elsewhere)
+    else:
+        elsewhere.mkdir()
+        (elsewhere / "mine.txt").write_text("mine")
+    (run_dir / name).symlink_to(elsewhere)
+    before = snapshot(elsewhere)
+    for args in (["--resume", "auto"], ["--resume", elsewhere / "step-000000005.npz"] if name == "checkpoints"
+                 else ["--resume", run_dir / "checkpoints" / "step-000000005.npz"]):
+        result = train("--epochs", "4", "--run-dir", run_dir, *args)
+        assert result.exit_code == 2 and "is a symbolic link" in result.output, result.output
+    assert snapshot(elsewhere) == before  # nothing pruned, written or moved there
+
+
 def test_restore_best_makes_the_final_model_the_best_one(tmp_path):
     run_dir = tmp_path / "run"
     result = train("--epochs", "8", "--lr", "0.05", "--run-dir", run_dir, "--set", "checkpoint.restore_best=true")
@@ -323,6 +377,7 @@ def test_restore_best_makes_the_final_model_the_best_one(tmp_path):
     assert f"restored the best model: epoch {best_epoch['epoch']}" in result.output
     model_meta = ckpt.read_meta(run_dir / "model.npz", "model")
     assert model_meta["run"]["restored_best"] == meta["run"]["seq"]
+    assert model_meta["run"]["step"] == meta["state"]["global_step"] < model_meta["run"]["final_step"]
     assert model_meta["final"]["val_loss"] == pytest.approx(best_epoch["val_loss"], rel=1e-12)
     assert invoke("train", *SMALL, "--set", "checkpoint.restore_best=true", "--set",
                   "checkpoint.keep_best=false", "--run-dir", tmp_path / "x").exit_code == 2
@@ -340,3 +395,36 @@ def test_sigterm_during_set_up_exits_75_and_writes_nothing(tmp_path):
     assert proc.returncode == 75, out + err
     assert err.count("error:") == 1 and "stopped by SIGTERM before training started" in err
     assert not run_dir.exists()
+
+
+def test_resume_refuses_changed_validation_data(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 2)), rng.integers(0, 3, 200)
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    np.savez(tmp_path / "val.npz", x=x[:40], y=y[:40])
+    args = ["--set", f"data.train={tmp_path / 'train.npz'}", "--set", f"data.val={tmp_path / 'val.npz'}",
+            "--set", "model.layers=[2,4,3]", "--run-dir", tmp_path / "run"]
+    assert invoke("train", *args, "--epochs", "1").exit_code == 0
+    np.savez(tmp_path / "val.npz", x=x[:40] + 1.0, y=y[:40])  # the same file name, other rows
+    before = snapshot(tmp_path / "run")
+    result = invoke("train", *args, "--epochs", "2", "--resume", "auto")
+    assert result.exit_code == 2 and "the validation data differs" in result.output, result.output
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_a_signal_after_the_last_write_is_absorbed(tmp_path):
+    """The dpbp process keeps its stop handlers until it exits: a SIGTERM right after `done:` is not a kill."""
+    script = tmp_path / "late_signal.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from dpbp.cli import entry\n"
+        "try:\n"
+        "    entry(sys.argv[1:])\n"
+        "except SystemExit as exc:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's signal arrives just after the run ended\n"
+        "    print('exit code', exc.code, flush=True)\n"
+        "    raise\n")
+    proc = subprocess.run([sys.executable, str(script), "train", *SMALL, "--epochs", "1", "--run-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=60, env=ENV)
+    assert proc.returncode == 0 and "exit code 0" in proc.stdout, proc.stdout + proc.stderr
+    assert (tmp_path / "run" / "model.npz").is_file()

@@ -74,3 +74,17 @@ def test_click_messages_print_once_under_mpirun(args, code, stream, needle):
     assert proc.returncode == code, proc.stdout + proc.stderr
     assert text.count(needle) == 1, text
     assert text.count("Usage:") <= 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["config", "show"], 0, "[model]"),
+    (["config", "show", "--set", "x.y=1"], 2, "unknown section"),
+    (["gradcheck", "--set", "model.layers=[2,4,3]"], 2, "error:"),
+    (["plot", "nosuchdir"], 2, "error:"),
+])
+def test_single_process_commands_run_once_under_mpirun(tmp_path, args, code, needle):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([*mpirun(3), sys.executable, "-m", "dpbp.cli", *args], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert (proc.stdout + proc.stderr).count(needle) == 1, proc.stdout + proc.stderr
