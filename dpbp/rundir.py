@@ -43,6 +43,7 @@ LOCK_FILE = "run.lock"
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.npz"
+FINAL_METRICS_FILE = "final_metrics.json"  # the final validation and test reports, written with model.npz
 ABANDONED_DIR = "abandoned"
 PLOT_FILE = "training.png"  # dpbp plot's default output
 RUN_FORMAT = "dpbp-run"
@@ -51,7 +52,7 @@ RUN_FORMAT_VERSION = 1
 RUNS_ROOT = Path("runs")
 NUMBERED = re.compile(r"run-(\d+)")
 # The files dpbp writes at the top of a run directory; a symlink at any of these names is refused.
-OUTPUT_FILES = (RUN_RECORD, LOCK_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, PLOT_FILE)
+OUTPUT_FILES = (RUN_RECORD, LOCK_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, FINAL_METRICS_FILE, PLOT_FILE)
 # Temporary names of interrupted atomic writes (checkpoint.atomic_write_npz, write_text_atomic).
 TEMP_FILE = re.compile(r"\.[^/]+\.tmp")
 
@@ -71,6 +72,14 @@ def now_text() -> str:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically (``checkpoint.atomic_replace``; never through a link)."""
     ckpt.atomic_replace(path, lambda fh: fh.write(text.encode()))
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Write ``record`` as indented JSON to ``path`` atomically; SaveError (one line) on any OSError."""
+    try:
+        write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+    except OSError as exc:
+        raise SaveError(f"could not write {path}: {exc.strerror or exc}") from None
 
 
 def read_json(path: Path) -> dict:
@@ -340,7 +349,8 @@ def remove_temp_files(folder: Path) -> int:
 def remove_outputs(folder: Path) -> list[str]:
     """Delete every output of a previous run in ``folder`` (for --overwrite); return the names removed."""
     removed = []
-    for name in (RUN_RECORD, CONFIG_FILE, METRICS_FILE, MODEL_FILE, PLOT_FILE, CHECKPOINT_DIR, ABANDONED_DIR):
+    for name in (RUN_RECORD, CONFIG_FILE, METRICS_FILE, MODEL_FILE, FINAL_METRICS_FILE, PLOT_FILE, CHECKPOINT_DIR,
+                 ABANDONED_DIR):
         path = folder / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -508,6 +518,9 @@ def _branch(run: RunDirectory, resume: Resume, others: list[tuple[Path, str]]) -
     if model_future:
         model.rename(target / MODEL_FILE)
         moved.append(MODEL_FILE)
+        if (run.path / FINAL_METRICS_FILE).is_file():  # the reports of that model
+            (run.path / FINAL_METRICS_FILE).rename(target / FINAL_METRICS_FILE)
+            moved.append(FINAL_METRICS_FILE)
     metrics = run.path / METRICS_FILE
     if metrics.is_file():
         shutil.copy2(metrics, target / METRICS_FILE)

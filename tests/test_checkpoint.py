@@ -68,14 +68,16 @@ def test_checkpoint_holds_everything_documented(saved_run):
     assert skipped == [] and path.name == ckpt.checkpoint_name(result.state.global_step)
     arrays, meta = ckpt.load_checkpoint(path)
     for key in ("format", "format_version", "dpbp_version", "config", "model", "state", "optimizer",
-                "schedule", "rng", "history", "world_size", "data_digest", "normalize", "run"):
+                "schedule", "rng", "history", "world_size", "data_digest", "normalize", "targets", "run"):
         assert key in meta, key
-    assert meta["format_version"] == ckpt.CHECKPOINT_VERSION == 2
+    assert meta["format_version"] == ckpt.CHECKPOINT_VERSION == 3
+    assert meta["targets"] == {"task": "classification", "outputs": 3, "classes": [0, 1, 2], "normalize": "none",
+                               "label_column": "last", "label_name": None}
     record = json.loads((run_dir / "run.json").read_text())
     assert meta["run"]["run_id"] == record["run_id"] and meta["run"]["seq"] < record["next_seq"]
     assert set(meta["state"]) >= {"epoch", "step_in_epoch", "global_step", "best_val_loss"}
     assert set(arrays) == {"params", "optim_m", "optim_v", "optim_t", "norm_shift", "norm_scale"}
-    fitted = prepare_data(cfg).normalizer  # the normaliser the run applied, in the model dtype
+    fitted = prepare_data(cfg).normalizer  # the normaliser the run applied, float64 whatever the model dtype
     assert meta["normalize"] == fitted.kind == "standard"
     np.testing.assert_array_equal(arrays["norm_shift"], fitted.shift)
     np.testing.assert_array_equal(arrays["norm_scale"], fitted.scale)
@@ -486,7 +488,7 @@ def test_any_checkpoint_is_a_model_taking_raw_inputs(saved_run, which):
         p for p in ckpt.periodic_checkpoints(folder) if int(p.stem[5:]) % 16][0]
     arrays, meta = ckpt.load_checkpoint(path)
     fitted = prepare_data(cfg).normalizer  # fitted again here, not read from the file
-    net, inputs = ckpt.load_network(path)
+    net, inputs, _ = ckpt.load_network(path)
     np.testing.assert_array_equal(net.params, arrays["params"])
     np.testing.assert_array_equal(inputs.shift, fitted.shift)
     np.testing.assert_array_equal(inputs.scale, fitted.scale)

@@ -41,7 +41,7 @@ def test_defaults_validate_and_match_spec():
     cfg = C.default_config()
     assert C.validate(cfg) == cfg
     assert C.load_config() == cfg
-    assert cfg.model.layers == [2, 128, 128, 5]
+    assert cfg.model.layers == [] and cfg.model.hidden == [128, 128]  # widths from the data
     assert cfg.train.lr == 0.01 and cfg.train.batch_size == 64
     assert cfg.checkpoint.every_epochs == 1 and cfg.run.dir == ""  # "": a new numbered run directory
     assert [s.name for s in dataclasses.fields(C.Config)] == [
@@ -66,8 +66,8 @@ def test_every_field_has_help_and_default():
 
 def test_default_lists_are_not_shared():
     a, b = C.default_config(), C.default_config()
-    a.model.layers.append(9)
-    assert b.model.layers == [2, 128, 128, 5]
+    a.model.hidden.append(9)
+    assert b.model.hidden == [128, 128]
 
 
 def test_config_is_frozen():
@@ -360,8 +360,8 @@ def test_to_dict_is_plain_and_detached():
     cfg = C.default_config()
     d = C.to_dict(cfg)
     assert json.loads(json.dumps(d)) == d
-    d["model"]["layers"].append(1)
-    assert cfg.model.layers == [2, 128, 128, 5]
+    d["model"]["hidden"].append(1)
+    assert cfg.model.hidden == [128, 128]
 
 
 def test_replace():
