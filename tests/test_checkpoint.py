@@ -498,3 +498,37 @@ def test_any_checkpoint_is_a_model_taking_raw_inputs(saved_run, which):
     np.testing.assert_allclose(ckpt.load_model(path).predict(x), expected, rtol=1e-12, atol=1e-15)
     with pytest.raises(CheckpointError, match="not a dpbp training checkpoint"):
         ckpt.load_checkpoint(run_dir / "model.npz")
+
+
+def test_model_file_holds_the_normaliser_and_the_targets_record(saved_run):
+    cfg, run_dir, result = saved_run
+    arrays, meta = ckpt.read_npz(run_dir / "model.npz", "model", lambda m: ckpt._model_layout(m, "model.npz"))
+    assert meta["format_version"] == ckpt.FORMAT_VERSION == 2 and meta["normalize"] == "standard"
+    assert set(arrays) == {"params", "norm_shift", "norm_scale"}
+    assert arrays["norm_shift"].dtype == np.float64
+    np.testing.assert_array_equal(arrays["params"], result.model.params)  # as trained: the map is beside it
+    assert meta["targets"]["classes"] == [0, 1, 2]
+
+
+def test_format_1_model_file_still_loads_with_class_ids_as_labels(saved_run, tmp_path):
+    """Model files of earlier dpbp: the normaliser folded into the first layer, no targets record."""
+    _, run_dir, _ = saved_run
+    folded = ckpt.load_model(run_dir / "model.npz")
+    old = tmp_path / "old.npz"
+    ckpt.atomic_write_npz(old, {"params": folded.params}, {"format": ckpt.MODEL_FORMAT, "format_version": 1,
+                                                            "model": folded.describe()})
+    model, inputs, targets = ckpt.load_network(old)
+    assert inputs.kind == "none" and (targets.task, targets.classes, targets.outputs) == ("classification", None, 3)
+    np.testing.assert_array_equal(model.params, folded.params)
+    np.testing.assert_array_equal(targets.encode(np.array([2, 0])), [2, 0])
+    with pytest.raises(DpbpError, match=r"class ids must be integers in \[0, 2\]"):
+        targets.encode(np.array([3]))
+
+
+def test_a_targets_record_that_does_not_fit_its_model_is_refused_unread(saved_run, tmp_path):
+    _, run_dir, _ = saved_run
+    arrays, meta = ckpt.read_npz(run_dir / "model.npz", "model", lambda m: ckpt._model_layout(m, "model.npz"))
+    meta["targets"]["outputs"], meta["targets"]["classes"] = 4, [0, 1, 2, 3]
+    ckpt.atomic_write_npz(tmp_path / "m.npz", arrays, meta)
+    with pytest.raises(CheckpointError, match=r"targets record \(classification, 4 outputs\) does not fit its model"):
+        ckpt.load_network(tmp_path / "m.npz")
