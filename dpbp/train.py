@@ -255,7 +255,11 @@ def prepare_data(cfg: Config) -> PreparedData:
     for role, ds in (("train", train), ("validation", val), ("test", test)):
         if ds is not None:
             data_mod.validate(ds, n_in=sizes[0], n_out=sizes[-1], role=role)
-    return PreparedData(train, val, test, normalizer, targets, sizes, _data_notes(targets, train, split))
+    notes = _data_notes(targets, train, split)
+    if task == "regression" and m.output == "sigmoid" and (train.y.min() < 0 or train.y.max() > 1):
+        notes.append(f"warning: a sigmoid output predicts values in (0, 1), but the training targets span "
+                     f"[{train.y.min():g}, {train.y.max():g}]: set model.output = \"identity\"")
+    return PreparedData(train, val, test, normalizer, targets, sizes, notes)
 
 
 def _data_notes(targets: Targets, train: data_mod.Dataset, split: bool) -> list[str]:

@@ -322,3 +322,11 @@ def test_hidden_takes_the_widths_from_the_data_and_conflicts_with_layers(tmp_pat
     one_error(dpbp_proc("train", "--set", f"data.train={tmp_path / 'd.npz'}", "--set", "model.layers=[4,8,4]",
                         "--run-dir", tmp_path / "r3"),
               "(4 features, 3 outputs)", "model.layers=[4, 8, 3]")
+
+
+def test_a_sigmoid_regression_of_targets_outside_0_1_is_warned_about(tmp_path):
+    train, _, _ = regression_csv(tmp_path / "t.csv", 60, 2)
+    result = invoke("train", "--set", f"data.train={train}", "--set", "model.loss=mse", "--set", "model.output=sigmoid",
+                    "--epochs", "1", "--run-dir", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("warning: a sigmoid output predicts values in (0, 1), but the training targets") == 1
