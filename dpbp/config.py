@@ -1008,6 +1008,8 @@ def doc_markdown() -> str:
             allowed = _allowed_text(meta) or "any"
             if meta.get("int_as_str"):
                 allowed += " (an integer is accepted)"
+            if meta.get("bool_as_str"):
+                allowed += " (a TOML boolean is accepted)"
             row = (
                 f"`{name}`",
                 _type_name(typ),

@@ -496,3 +496,17 @@ def test_heartbeat_timeout_is_off_or_at_least_a_second():
     assert C.load_config(None, ["train.heartbeat_timeout=1"]).train.heartbeat_timeout == 1.0
     exc = error(C.load_config, None, ["train.heartbeat_timeout=0.5"])
     assert exc.key == "train.heartbeat_timeout" and "0 (off) or at least 1 second, got 0.5" in str(exc)
+
+
+def test_data_header_takes_a_toml_boolean_and_model_shape_keys_override_by_precedence(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[data]\nheader = true\n[model]\nlayers = [4, 9, 3]\n")
+    cfg = C.load_config(str(path))
+    assert cfg.data.header == "true" and cfg.model.hidden == [9]  # hidden follows the given layers
+    assert C.load_config(str(path), ["data.header=false"]).data.header == "false"
+    assert error(C.load_config, None, ["data.header=maybe"]).key == "data.header"
+    later = C.load_config(str(path), ["model.hidden=[5]"])  # --set over the file's shape: the file's layers go
+    assert (later.model.layers, later.model.hidden) == ([], [5])
+    assert error(C.load_config, None, ["model.layers=[4,9,3]", "model.hidden=[5]"]).key == "model.hidden"
+    assert C.load_config(None, ["model.layers=[4,9,3]", "model.hidden=[9]"]).model.layers == [4, 9, 3]
+    assert error(C.load_config, None, ["data.normalize_targets=standard"]).key == "data.normalize_targets"
