@@ -528,10 +528,12 @@ def _sniff_table(path: Path, header: str = "auto", sample: int = 20) -> _Table:
     return _Table(path, delimiter, names, skip, len(rows[0]))
 
 
-def _table_error(table: _Table, reason: str, text_column: int | None = None) -> DataError:
+def _table_error(table: _Table, reason: str, text_column: int | None = None,
+                 target_column: int | None = None) -> DataError:
     """Find the first malformed row the fast reader choked on and say where it is.
 
     ``text_column``: the column that may hold text (class labels), not checked for numbers.
+    ``target_column``: the label column when it must hold numbers (targets): text there gets a hint.
     """
     try:
         with open(table.path, encoding="utf-8-sig", newline=None) as f:
@@ -550,8 +552,10 @@ def _table_error(table: _Table, reason: str, text_column: int | None = None) -> 
                              f"cells, found {len(cells)}")
         for j, cell in enumerate(cells):
             if j != text_column and not _is_number(cell):
+                hint = (" (this model's loss takes numeric targets; for class labels use model.loss = "
+                        "\"cross_entropy\")" if j == target_column and cell else "")
                 return DataError(f"{table.path}: line {i + 1} (data row {row}), {table.column(j)}: "
-                                 f"expected a number, found {cell!r}")
+                                 f"expected a number, found {cell!r}{hint}")
     return DataError(f"cannot read {table.path}: {reason}")
 
 
@@ -604,11 +608,11 @@ def _read_table(path: Path, header: str = "auto", label_column=None, text_labels
                             dtype=np.float64, ndmin=2, encoding="utf-8-sig",
                             quotechar='"' if table.delimiter else None, converters=converters)
     except ValueError as e:
-        raise _table_error(table, str(e), label if converters else None) from None
+        raise _table_error(table, str(e), label if converters else None, label) from None
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from None
     if values.shape[1] != table.n_cols:
-        raise _table_error(table, "column count changed", label if converters else None)
+        raise _table_error(table, "column count changed", label if converters else None, label)
     if values.shape[0] == 0:
         raise DataError(f"{path}: expected data rows, found none")
     if label is None:

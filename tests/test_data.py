@@ -500,7 +500,11 @@ def test_table_messages_name_line_and_column(tmp_path):
     with pytest.raises(DataError, match=r"t.csv: line 4, column 2 \('b'\): the feature is nan"):
         load_source(str(p))
     p.write_text("a,b,t\n1,2,3.5\n3,4,\n")  # numeric targets: an empty one cannot be read
-    with pytest.raises(DataError, match=r"line 3 \(data row 2\), column 3 \('t'\): expected a number, found ''"):
+    with pytest.raises(DataError, match=r"line 3 \(data row 2\), column 3 \('t'\): expected a number, found ''$"):
+        load_source(str(p), text_labels=False)
+    p.write_text("a,b,t\n1,2,yes\n")
+    with pytest.raises(DataError, match=r"found 'yes' \(this model's loss takes numeric targets; for class labels use "
+                                        r"model.loss = \"cross_entropy\"\)"):
         load_source(str(p), text_labels=False)
 
 
