@@ -290,6 +290,9 @@ def _label_values(labels: np.ndarray, where: Where, pre: str) -> np.ndarray:
         try:
             numbers = text.astype(np.float64)
         except ValueError:
+            missing = np.flatnonzero(np.isin(np.char.lower(text), ("nan", "-nan", "+nan")))  # NaN among text
+            if missing.size:
+                raise DataError(f"{pre}the label is {text[missing[0]]} at {where(int(missing[0]))}") from None
             return text
         labels = numbers
     if labels.dtype.kind == "b":

@@ -93,6 +93,7 @@ def test_numbers_match_text_labels_by_their_text():
     (np.array(["a", " ", "b"]), "the label is empty at line 3"),
     (np.array([1.0, np.nan, 2.0]), "the label is nan at line 3"),
     (np.array(["1", "nan"]), "the label is nan at line 3"),
+    (np.array(["a", "b", "NaN"]), "the label is NaN at line 4"),  # among text labels too
 ])
 def test_empty_and_nan_labels_are_named(labels, message):
     with pytest.raises(DataError, match=message):
