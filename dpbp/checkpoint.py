@@ -20,7 +20,7 @@ import zipfile
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -28,10 +28,15 @@ from dpbp import __version__
 from dpbp.data import NORMALIZERS, Normalizer
 from dpbp.errors import CheckpointError, DpbpError, SaveError
 from dpbp.model import MLP
+from dpbp.ops import task_of
 from dpbp.optim import make_optimizer
+from dpbp.targets import Targets
 
 MODEL_FORMAT = "dpbp-model"
-FORMAT_VERSION = 1
+# 2: parameters for normalised inputs, with the normaliser (float64) and the targets record (task, class
+# labels, target scaling); 1: the normaliser folded into the first layer, nothing recorded about the labels.
+FORMAT_VERSION = 2
+READ_MODEL_VERSIONS = (1, 2)
 
 
 def payload_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -282,47 +287,71 @@ def model_size(spec: dict) -> tuple[int, int, np.dtype]:
     return sizes[0], sum((i + 1) * o for i, o in zip(sizes[:-1], sizes[1:])), np.dtype(dtype)
 
 
+class Network(NamedTuple):
+    """A saved network as trained, with what it needs around it (see ``load_network``)."""
+
+    model: MLP  # parameters as trained: for inputs mapped by ``inputs``, outputs in the training form
+    inputs: Normalizer  # the input map the parameters expect (``"none"``: raw inputs)
+    targets: Targets  # what the outputs mean: task, class labels, target scaling
+
+
 def fold_input_map(model: MLP, params: np.ndarray, shift: np.ndarray, scale: np.ndarray) -> None:
     """Fold ``x' = (x - shift) * scale`` into the first layer of ``params``, in place.
 
     ``params``: a flat ``(n_params,)`` vector in ``model``'s layout and dtype; ``shift``,
-    ``scale``: ``(n_in,)``, cast to the model dtype. Afterwards ``W' = W * scale`` and
-    ``b' = b - W' @ shift``: the network takes raw ``x`` (equal up to rounding).
+    ``scale``: ``(n_in,)``. Computed in float64, stored in the model dtype. Afterwards
+    ``W' = W * scale`` and ``b' = b - W' @ shift``: the network takes raw ``x`` (equal up to
+    rounding; a float32 network loses the digits of inputs with a large offset, which the
+    unfolded pair keeps).
     """
     W, b = model.layer_views(params)
-    W0, b0 = W[0], b[0]
-    W0 *= scale.astype(model.dtype)[None, :]
-    b0 -= W0 @ shift.astype(model.dtype)
+    w0 = W[0].astype(np.float64) * np.asarray(scale, np.float64)[None, :]
+    b[0][...] = b[0].astype(np.float64) - w0 @ np.asarray(shift, np.float64)
+    W[0][...] = w0
 
 
-def save_model(path: str | os.PathLike, model: MLP, shift: np.ndarray | None = None,
-               scale: np.ndarray | None = None, extra: dict | None = None) -> None:
-    """Save ``model`` so that it takes RAW inputs.
+def fold_output_map(model: MLP, params: np.ndarray, shift: np.ndarray, scale: np.ndarray) -> None:
+    """Fold the inverse of target scaling ``y' = (y - shift) * scale`` into the last (identity) layer, in place.
 
-    If training normalised inputs as ``x' = (x - shift) * scale``, that affine map is
-    folded into the first layer (``fold_input_map``), so the saved model needs no
-    normaliser and ``predict`` on raw data just works.
+    Afterwards ``W' = W / scale`` (per output row) and ``b' = b / scale + shift``: the network's
+    outputs are in the targets' own units. Computed in float64, stored in the model dtype.
     """
-    params = model.params.copy()
-    if shift is not None and scale is not None:
-        fold_input_map(model, params, shift, scale)
+    W, b = model.layer_views(params)
+    scale, shift = np.asarray(scale, np.float64), np.asarray(shift, np.float64)
+    W[-1][...] = W[-1].astype(np.float64) / scale[:, None]
+    b[-1][...] = b[-1].astype(np.float64) / scale + shift
+
+
+def save_model(path: str | os.PathLike, model: MLP, inputs: Normalizer | None = None,
+               targets: Targets | None = None, extra: dict | None = None) -> None:
+    """Save ``model`` with the input map its parameters expect and what its outputs mean (format 2).
+
+    ``inputs``: the normaliser training applied (default none); stored in float64 beside the
+    parameters, so ``dpbp predict`` maps raw inputs in float64 before the cast to the model dtype.
+    ``targets``: the record of the labels (default: ``Targets.legacy``). ``extra``: more JSON
+    metadata. Raises SaveError when the file cannot be written.
+    """
+    inputs = inputs if inputs is not None else Normalizer("none")
+    targets = targets if targets is not None else Targets.legacy(model.task, model.sizes[-1])
     meta = {
         "format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "dpbp_version": __version__,
-        "model": model.describe(), **(extra or {}),
+        "model": model.describe(), "normalize": inputs.kind, "targets": targets.to_meta(), **(extra or {}),
     }
+    arrays = {"params": model.params.copy(), **inputs.to_arrays(), **targets.to_arrays()}
     try:
-        atomic_write_npz(path, {"params": params}, meta)
+        atomic_write_npz(path, arrays, meta)
     except OSError as exc:
         raise SaveError(f"could not write model {path}: {exc.strerror or exc}") from None
 
 
-def load_network(path: str | os.PathLike) -> tuple[MLP, Normalizer]:
-    """The network stored at ``path`` as saved, and the input map its parameters expect.
+def load_network(path: str | os.PathLike) -> Network:
+    """The network stored at ``path`` as trained: ``Network(model, inputs, targets)``.
 
-    ``path`` is a model file (its parameters take raw inputs: the normaliser is
-    ``"none"``) or any training checkpoint (``step-N.npz``, ``best.npz``: parameters
-    for normalised inputs, with the normaliser the run fitted). Feeding
-    ``normalizer.apply(x)`` to the network reproduces training's numbers exactly.
+    ``path`` is a model file or any training checkpoint (``step-N.npz``, ``best.npz``). Feeding
+    ``inputs.apply(x, model.dtype)`` to the network reproduces training's numbers exactly;
+    ``targets`` says what the outputs mean (``targets.decode``, ``targets.output_values``). Files
+    written before labels were recorded give ``Targets.legacy`` (class ids are the labels); a
+    format-1 model file has its normaliser folded in (inputs ``"none"``).
     Raises CheckpointError naming the file for anything ``read_npz`` refuses, and for a
     format-1 checkpoint trained on normalised data (it does not store its normaliser).
     """
@@ -333,39 +362,78 @@ def load_network(path: str | os.PathLike) -> tuple[MLP, Normalizer]:
         if fmt == CHECKPOINT_FORMAT:
             _check_checkpoint_meta(meta, path)
             _checkpoint_inputs(meta, path)  # refuse a file that cannot be used before reading its arrays
-            return _checkpoint_layout(meta)
+            return _checkpoint_layout(meta, path)
         raise CheckpointError(f"{path} is neither a dpbp model file nor a training checkpoint (format {fmt!r})")
 
     arrays, meta = read_npz(path, "model", layout)
-    kind = "none" if meta["format"] == MODEL_FORMAT else _checkpoint_inputs(meta, path)
-    return _build_model(meta["model"], arrays["params"], path), Normalizer.from_arrays(kind, arrays)
+    if meta["format"] == MODEL_FORMAT:
+        kind = meta["normalize"] if meta["format_version"] >= 2 else "none"
+    else:
+        kind = _checkpoint_inputs(meta, path)
+    model = _build_model(meta["model"], arrays["params"], path)
+    return Network(model, Normalizer.from_arrays(kind, arrays), _targets(meta, arrays, model))
 
 
 def load_model(path: str | os.PathLike) -> MLP:
-    """Return the network saved at ``path``, taking RAW inputs.
+    """Return the network saved at ``path``, taking RAW inputs and giving outputs in the targets' own units.
 
     ``path`` is a model file written by ``save_model`` (``model.npz``) or any training
-    checkpoint (``step-N.npz``, ``best.npz``). A checkpoint keeps its parameters in the
-    normalised input space; its saved normaliser is folded into the first layer as
-    ``save_model`` does (``fold_input_map``), so ``predict`` on raw data works either way
-    (equal to the checkpoint's network on normalised data up to rounding; ``load_network``
-    gives the unfolded pair). Parameters are ``(n_params,)`` of the saved dtype.
+    checkpoint (``step-N.npz``, ``best.npz``). The saved normaliser is folded into the first
+    layer (``fold_input_map``) and a regression's target scaling into the last
+    (``fold_output_map``), so ``predict`` on raw data works either way (equal to
+    ``load_network``'s exact pair up to rounding). Parameters are ``(n_params,)`` of the saved dtype.
     Raises CheckpointError naming the file when it is missing, corrupt, not a dpbp file, or
     a format-1 checkpoint trained on normalised data (it does not store its normaliser).
     """
-    model, inputs = load_network(path)
+    model, inputs, targets = load_network(path)
     if inputs.kind != "none":
         fold_input_map(model, model.params, inputs.shift, inputs.scale)
+    if targets.normalize != "none":
+        fold_output_map(model, model.params, targets.shift, targets.scale)
     return model
 
 
+def _targets(meta: dict, arrays: dict, model: MLP) -> Targets:
+    """The targets record of a file (already checked by its layout); legacy for files without one."""
+    if "targets" not in meta:
+        return Targets.legacy(model.task, model.sizes[-1])
+    return Targets.from_meta(meta["targets"], arrays)
+
+
+def _targets_layout(meta: dict, path) -> Layout:
+    """The arrays a file's targets record implies; refuses a record that does not fit its model."""
+    record = meta["targets"]
+    try:
+        Targets.check_meta(record)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: malformed targets record ({exc})") from None
+    spec = meta["model"]
+    task = task_of(spec["loss"], spec["output"])
+    if record["task"] != task or record["outputs"] != spec["sizes"][-1] or \
+            (record["normalize"] != "none" and spec["output"] != "identity"):
+        raise CheckpointError(f"{path}: its targets record ({record['task']}, {record['outputs']} outputs) does not "
+                              f"fit its model ({task}, {spec['sizes'][-1]} outputs)")
+    return {name: ((record["outputs"],), np.dtype(np.float64)) for name in Targets.array_names(record)}
+
+
 def _model_layout(meta: dict, path) -> Layout:
-    """A model file holds ``params``: ``(n_params,)`` of the model dtype."""
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: model format version {meta.get('format_version')!r} is not supported by "
-                              f"dpbp {__version__} (expects {FORMAT_VERSION})")
-    _, n_params, dtype = model_size(meta["model"])
-    return {"params": ((n_params,), dtype)}
+    """A model file holds ``params`` ``(n_params,)`` of the model dtype; format 2 also the float64
+    normaliser (``(n_in,)``) and target scaling (``(n_out,)``) arrays its metadata names."""
+    version = meta.get("format_version")
+    if type(version) is not int or version not in READ_MODEL_VERSIONS:
+        raise CheckpointError(f"{path}: model format version {version!r} is not supported by "
+                              f"dpbp {__version__} (reads {', '.join(map(str, READ_MODEL_VERSIONS))})")
+    n_in, n_params, dtype = model_size(meta["model"])
+    layout = {"params": ((n_params,), dtype)}
+    if version >= 2:
+        if meta.get("normalize") not in NORMALIZERS:
+            raise ValueError(f"unknown normalizer {str(meta.get('normalize'))[:40]!r}")
+        if meta["normalize"] != "none":
+            layout.update(norm_shift=((n_in,), np.dtype(np.float64)), norm_scale=((n_in,), np.dtype(np.float64)))
+        if "targets" not in meta:
+            raise CheckpointError(f"{path}: incomplete model file (no targets record)")
+        layout.update(_targets_layout(meta, path))
+    return layout
 
 
 def _build_model(spec: dict, params: np.ndarray, path) -> MLP:
@@ -381,8 +449,10 @@ def _build_model(spec: dict, params: np.ndarray, path) -> MLP:
 # ----------------------------------------------------------------------------- training checkpoints
 
 CHECKPOINT_FORMAT = "dpbp-checkpoint"
-CHECKPOINT_VERSION = 2  # 2 added the input normaliser: meta "normalize", arrays norm_shift and norm_scale
-READ_CHECKPOINT_VERSIONS = (1, 2)  # format 1 still resumes; it cannot be used as a model (no normaliser)
+# 2 added the input normaliser (meta "normalize", arrays norm_shift and norm_scale in the model dtype);
+# 3 keeps it in float64 and adds the targets record (meta "targets", arrays target_shift and target_scale).
+CHECKPOINT_VERSION = 3
+READ_CHECKPOINT_VERSIONS = (1, 2, 3)  # format 1 still resumes; it cannot be used as a model (no normaliser)
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.npz"
 
@@ -406,9 +476,10 @@ def load_checkpoint(path: str | os.PathLike,
     """Read and verify a training checkpoint: (arrays, meta).
 
     ``arrays``: ``params`` and ``optim_<state>`` (``(n_params,)``, model dtype),
-    ``optim_t`` (0-d int64) and, from format 2 unless the run did not normalise,
-    ``norm_shift``/``norm_scale`` (``(n_in,)``, model dtype). ``check(meta)``, when given,
-    runs once the metadata is read and before any array data is: raising CheckpointError
+    ``optim_t`` (0-d int64), from format 2 unless the run did not normalise
+    ``norm_shift``/``norm_scale`` (``(n_in,)``; model dtype in format 2, float64 from 3) and, from
+    format 3 for scaled regression targets, ``target_shift``/``target_scale`` (``(n_out,)`` float64).
+    ``check(meta)``, when given, runs once the metadata is read and before any array data is: raising CheckpointError
     there refuses the file unread (resume uses it to refuse another model's checkpoint).
     Raises CheckpointError naming the file for anything wrong.
     """
@@ -416,7 +487,7 @@ def load_checkpoint(path: str | os.PathLike,
         _check_checkpoint_meta(meta, path)
         if check is not None:
             check(meta)
-        return _checkpoint_layout(meta)
+        return _checkpoint_layout(meta, path)
 
     return read_npz(path, "checkpoint", layout)
 
@@ -429,13 +500,14 @@ def _check_checkpoint_meta(meta: dict, path) -> None:
     if type(version) is not int or version not in READ_CHECKPOINT_VERSIONS:
         raise CheckpointError(f"{path}: checkpoint format version {version!r} is not supported "
                               f"by dpbp {__version__} (reads {', '.join(map(str, READ_CHECKPOINT_VERSIONS))})")
-    required = ("config", "model", "state", "optimizer", "history") + (("normalize",) if version >= 2 else ())
+    required = ("config", "model", "state", "optimizer", "history") + (("normalize",) if version >= 2 else ()) \
+        + (("targets",) if version >= 3 else ())
     missing = [k for k in required if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint (missing {missing})")
 
 
-def _checkpoint_layout(meta: dict) -> Layout:
+def _checkpoint_layout(meta: dict, path="checkpoint") -> Layout:
     """The arrays a checkpoint's metadata implies (see ``load_checkpoint``)."""
     n_in, n_params, dtype = model_size(meta["model"])
     vector = ((n_params,), dtype)
@@ -445,7 +517,10 @@ def _checkpoint_layout(meta: dict) -> Layout:
         if meta["normalize"] not in NORMALIZERS:
             raise ValueError(f"unknown normalizer {str(meta['normalize'])[:40]!r}")
         if meta["normalize"] != "none":
-            layout.update(norm_shift=((n_in,), dtype), norm_scale=((n_in,), dtype))
+            stats = dtype if meta["format_version"] == 2 else np.dtype(np.float64)
+            layout.update(norm_shift=((n_in,), stats), norm_scale=((n_in,), stats))
+    if meta["format_version"] >= 3:
+        layout.update(_targets_layout(meta, path))
     return layout
 
 

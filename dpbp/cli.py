@@ -273,15 +273,18 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
     messages = trainer.claim_run_dir(command=["dpbp", *sys.argv[1:]], overwrite=overwrite, restart=restart,
                                      numbered=home is None)
     path, d, m = trainer.run_dir, trainer.data, cfg.model
-    echo(f"dpbp {__version__}: {m.layers} {m.activation}/{m.output}/{m.loss} {m.dtype} on {cfg.data.train!r} "
+    echo(f"dpbp {__version__}: {d.sizes} {m.activation}/{m.output}/{m.loss} {m.dtype} on {cfg.data.train!r} "
          f"({d.train.n_samples} train, {d.val.n_samples if d.val else 0} val"
          f"{f', {d.test.n_samples} test' if d.test else ''})")
+    widths = "model.layers" if m.layers else f"{d.sizes[0]} features, model.hidden {list(m.hidden)}, " \
+        f"{d.sizes[-1]} output{'s' if d.sizes[-1] > 1 else ''}"
+    echo(f"  {d.targets.describe()}; layers from {widths}")
     echo(f"  {comm.size} rank{'s' if comm.size > 1 else ''} x {trainer.threads} BLAS thread"
          f"{'s' if trainer.threads > 1 else ''}, global batch {trainer.batch_size}, "
          f"{trainer.steps_per_epoch} steps/epoch, {cfg.train.optimizer} lr {cfg.train.lr:g}, run dir {path}")
     if comm.size > 1:
         echo(f"  gradients: {trainer.exchange}")
-    for line in messages:
+    for line in [*d.notes, *messages]:
         echo(f"  {line}")
     if point is not None:
         st = trainer.state
@@ -292,12 +295,19 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
     parts = [f"{f['epochs']} epochs, {f['steps']} steps in {f['seconds']:.1f}s"]
     for role in ("val", "test"):
         if f"{role}_loss" in f:
-            parts.append(f"{role} loss {f[f'{role}_loss']:.4f} accuracy {100 * f[f'{role}_accuracy']:.2f}%")
+            parts.append(f"{role} loss {f[f'{role}_loss']:.4f} " + _metrics_text(f, role))
     if result.state.skipped_steps:
         parts.append(f"{result.state.skipped_steps} of {f['steps']} steps skipped (NaN/Inf)")
     if result.stopped == "early_stopping":
         parts.append("stopped early")
     echo("done: " + " | ".join(parts) + f" | model: {path / 'model.npz'}")
+
+
+def _metrics_text(record: dict, prefix: str) -> str:
+    """'accuracy 97.10%' or 'rmse 52.1 mae 41.7 R2 0.412' from ``record[f"{prefix}_..."]``."""
+    if f"{prefix}_accuracy" in record:
+        return f"accuracy {100 * record[f'{prefix}_accuracy']:.2f}%"
+    return f"rmse {record[f'{prefix}_rmse']:.4g} mae {record[f'{prefix}_mae']:.4g} R2 {record[f'{prefix}_r2']:.3f}"
 
 
 def _agreed(comm, fn, what: str, root_only: bool = False):
@@ -386,9 +396,14 @@ def _resume_point(comm, resume: str, given: Path | None):
 # ----------------------------------------------------------------------------- evaluate / predict
 
 
+HEADER_HELP = ("Does the table's first row name its columns (auto, true, false)? auto: when a column holds text there "
+               "and numbers below.")
+
+
 @main.command(epilog="""\b
 Examples:
-  dpbp evaluate --model runs/run-001/model.npz --data spirals
+  dpbp evaluate --model runs/run-001/model.npz --data spirals:n=6000,classes=5,turns=1.5 --seed 1
+  dpbp evaluate --model runs/iris/model.npz --data iris-test.csv --json
   dpbp evaluate --model runs/run-001/checkpoints/best.npz --data spirals
   mpirun -n 2 dpbp evaluate --model m.npz --data t10k-images-idx3-ubyte.gz,t10k-labels-idx1-ubyte.gz --json
 """)
@@ -396,13 +411,22 @@ Examples:
               help="A model.npz or any checkpoint (checkpoints/step-N.npz, best.npz) written by dpbp train.")
 @click.option("--data", "source", required=True,
               help="Data source: built-in name, .npz, x.npy,y.npy, .csv or IDX images,labels.")
-@click.option("--label-column", default="last", show_default=True, help="CSV label column: last, first, index or name.")
+@click.option("--label-column", default=None,
+              help="Table label column: last, first, an index or a header name. Default: the data.label_column the "
+                   "model was trained with.")
+@click.option("--header", type=click.Choice(["auto", "true", "false"]), default="auto", show_default=True,
+              help=HEADER_HELP)
 @click.option("--seed", default=0, show_default=True, help="Seed for built-in data sets.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @collective
-def evaluate(comm, model_path, source, label_column, seed, as_json):
-    """Loss and accuracy of a model file or any checkpoint on a data set (each sample once).
+def evaluate(comm, model_path, source, label_column, header, seed, as_json):
+    """Metrics of a model file or any checkpoint on a data set (each sample counted once across ranks).
 
+    \b
+    Labels are read as the model recorded them in training: class labels (text or numbers) map to
+    its classes, and labels it never saw are an error. Classification: loss, accuracy, per-class
+    precision, recall and F1 and the confusion matrix. Regression: loss (the training loss, half the
+    squared error, on scaled targets), MSE, RMSE, MAE and R2 in the targets' own units.
     A checkpoint's saved normaliser is applied to the data first, exactly as in training.
     """
     from dpbp import data as data_mod
@@ -411,40 +435,81 @@ def evaluate(comm, model_path, source, label_column, seed, as_json):
     from dpbp.train import evaluate as evaluate_model
 
     def load():
-        model, inputs = load_network(model_path)
-        ds = data_mod.load_source(source, dtype=model.dtype.name, label_column=label_column, seed=seed)
-        data_mod.validate(ds, n_in=model.sizes[0], n_out=model.sizes[-1], loss=model.loss, role="evaluation")
-        if inputs.kind != "none":  # a checkpoint: its parameters expect normalised inputs
-            ds.x = inputs.apply(ds.x)
-        return model, ds
+        model, inputs, targets = load_network(model_path)
+        column = label_column or targets.label_column or "last"
+        raw = data_mod.load_source(source, dtype=None, label_column=column, header=header,
+                                   text_labels=targets.task == "classification", seed=seed)
+        data_mod.check_features(raw, "evaluation")
+        pre = f"evaluation data ({raw.source}): "
+        if raw.n_features != model.sizes[0]:
+            raise data_mod.DataError(f"{pre}has {raw.n_features} features; the model takes {model.sizes[0]}")
+        y = targets.encode(raw.y, dtype=model.dtype, where=raw.where, pre=pre)
+        ds = data_mod.Dataset(inputs.apply(raw.x, model.dtype), y, raw.source)
+        data_mod.validate(ds, n_in=model.sizes[0], n_out=model.sizes[-1], role="evaluation")
+        return model, ds, targets
 
-    model, ds = all_or_nothing(comm, load, "loading")
+    model, ds, targets = all_or_nothing(comm, load, "loading")
     check_data_agrees(comm, {"evaluation": ds})  # DP: node-local copies that differ would mix two data sets
-    metrics = evaluate_model(model, ds, comm)
+    report = evaluate_model(model, ds, comm, targets)
     echo = _echo(comm)
     if as_json:
-        echo(json.dumps({"model": model_path, "data": source, **metrics}))
+        echo(json.dumps({"model": model_path, "data": source, **report}))
     else:
-        echo(f"{source}: {metrics['n']} samples, loss {metrics['loss']:.6f}, accuracy {100 * metrics['accuracy']:.2f}%")
+        echo(_report_text(source, report))
+
+
+def _report_text(source: str, r: dict) -> str:
+    """The text form of an evaluate() report: a summary line, then per-class scores and the confusion matrix."""
+    if r["task"] == "regression":
+        return (f"{source}: {r['n']} samples, loss {r['loss']:.6f}, mse {r['mse']:.6g}, rmse {r['rmse']:.6g}, "
+                f"mae {r['mae']:.6g}, R2 {r['r2']:.4f}")
+    lines = [f"{source}: {r['n']} samples, loss {r['loss']:.6f}, accuracy {100 * r['accuracy']:.2f}%"]
+    if "confusion_matrix" not in r:
+        return lines[0]
+    names = [str(c) for c in r["classes"]]
+    w = max(12, *(len(n) for n in names)) + 2
+    lines.append(f"  {'class':<{w}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
+    for i, name in enumerate(names):
+        lines.append(f"  {name:<{w}}{r['precision'][i]:>10.3f}{r['recall'][i]:>10.3f}{r['f1'][i]:>10.3f}"
+                     f"{r['support'][i]:>10d}")
+    for avg in ("macro", "weighted"):
+        lines.append(f"  {avg + ' avg':<{w}}{r[f'{avg}_precision']:>10.3f}{r[f'{avg}_recall']:>10.3f}"
+                     f"{r[f'{avg}_f1']:>10.3f}{r['n']:>10d}")
+    lines.append("  confusion matrix (rows: true class, columns: predicted class)")
+    c = max(6, *(len(n) + 1 for n in names), *(len(str(v)) + 1 for row in r["confusion_matrix"] for v in row))
+    lines.append("  " + " " * w + "".join(f"{n:>{c}}" for n in names))
+    for name, row in zip(names, r["confusion_matrix"]):
+        lines.append(f"  {name:<{w}}" + "".join(f"{v:>{c}d}" for v in row))
+    return "\n".join(lines)
 
 
 @main.command(epilog="""\b
 Examples:
   dpbp predict --model runs/run-001/model.npz --input points.csv --output predictions.csv
+  dpbp predict --model runs/iris/model.npz --input iris-test.csv --label-column species --output labels.csv
   dpbp predict --model runs/run-001/checkpoints/step-000000500.npz --input x.npy --output out.npy
   mpirun -n 4 dpbp predict --model m.npz --input x.npy --output out.npy
 """)
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
               help="A model.npz or any checkpoint (checkpoints/step-N.npz, best.npz) written by dpbp train.")
 @click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
-              help="Features only: .npy, .npz (array x) or .csv (numeric, optional header).")
+              help="Features: .npy, .npz (array x) or a .csv/.tsv/.txt table of numbers.")
 @click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
-              help=".npy (output activations) or .csv (predicted class, then the outputs).")
+              help=".npy (the outputs) or .csv (the prediction: the original class label, or the value of a "
+                   "regression; then the outputs).")
+@click.option("--label-column", "drop_column", default=None,
+              help="A column of the input table to leave out (labels, which may be text), as for evaluate, e.g. "
+                   "--label-column species. Default: every column is a feature.")
+@click.option("--header", type=click.Choice(["auto", "true", "false"]), default="auto", show_default=True,
+              help=HEADER_HELP)
 @collective
-def predict(comm, model_path, input_path, output_path):
-    """Write the outputs of a model file or any checkpoint for every row of a feature file.
+def predict(comm, model_path, input_path, output_path, drop_column, header):
+    """Write the predictions of a model file or any checkpoint for every row of a feature file.
 
-    A checkpoint's saved normaliser is applied to the features first, exactly as in training.
+    \b
+    Classification: the class label as it was in the training data (text or number), then the
+    probability of each class. Regression: the predicted values in the targets' own units.
+    Inputs are raw: the saved normaliser is applied (in float64) first, exactly as in training.
     """
     import numpy as np
 
@@ -453,24 +518,29 @@ def predict(comm, model_path, input_path, output_path):
     from dpbp.train import all_or_nothing
 
     def load():
-        model, inputs = load_network(model_path)
-        x = data_mod.load_features(input_path, dtype=model.dtype.name)
+        model, inputs, targets = load_network(model_path)
+        x = data_mod.load_features(input_path, dtype=None, header=header, drop_column=drop_column)
         if x.shape[1] != model.sizes[0]:
+            hint = (" (to leave a label column of the table out, give --label-column)"
+                    if drop_column is None and x.shape[1] == model.sizes[0] + 1 else "")
             raise data_mod.DataError(f"{input_path}: rows have {x.shape[1]} features; the model expects "
-                                     f"{model.sizes[0]}")
-        return model, inputs, x
+                                     f"{model.sizes[0]}{hint}")
+        return model, inputs, targets, x
 
-    model, inputs, x = all_or_nothing(comm, load, "loading")
+    model, inputs, targets, x = all_or_nothing(comm, load, "loading")
     lo, hi = data_mod.shard_bounds(x.shape[0], comm.size, comm.rank)  # DP: my rows
-    mine = inputs.apply(x[lo:hi]) if inputs.kind != "none" else x[lo:hi]  # a checkpoint expects normalised x
+    mine = inputs.apply(x[lo:hi], model.dtype)  # float64 arithmetic, then the model dtype, as in training
     local = model.predict(mine) if hi > lo else np.empty((0, model.sizes[-1]), model.dtype)
     out = comm.gather_rows(local)
-    all_or_nothing(comm, lambda: _write_predictions(output_path, out) if comm.is_root else None,
+    all_or_nothing(comm, lambda: _write_predictions(output_path, out, targets) if comm.is_root else None,
                    f"writing {output_path}")
     _echo(comm)(f"wrote {x.shape[0]} predictions to {output_path}")
 
 
-def _write_predictions(path: str, out) -> None:
+def _write_predictions(path: str, out, targets) -> None:
+    """Rank 0: write model outputs ``out`` ``(n, k)`` as .npy (the outputs in the targets' units) or .csv."""
+    import csv
+
     import numpy as np
 
     from dpbp.errors import DataError
@@ -478,15 +548,28 @@ def _write_predictions(path: str, out) -> None:
     target = Path(path)
     if not target.parent.exists():
         raise DataError(f"cannot write {path}: folder {target.parent} does not exist")
-    if target.suffix == ".npy":
-        np.save(target, out)
-    elif target.suffix == ".csv":
-        classes = (out[:, 0] > 0.5).astype(int) if out.shape[1] == 1 else np.argmax(out, axis=1)
-        header = "prediction," + ",".join(f"output_{j}" for j in range(out.shape[1]))
-        np.savetxt(target, np.column_stack([classes, out]), delimiter=",", header=header, comments="",
-                   fmt=["%d"] + ["%.8g"] * out.shape[1])
-    else:
+    if target.suffix not in (".npy", ".csv"):
         raise DataError(f"cannot write {path}: use a .npy or .csv file name")
+    values = targets.output_values(out)
+    if target.suffix == ".npy":
+        np.save(target, values)
+        return
+    k = values.shape[1]
+    many = "" if k == 1 else "_{}"
+    if targets.task == "regression":
+        header, first = [("prediction" + many).format(j) for j in range(k)], []
+    elif targets.task == "binary":
+        header = [("prediction" + many).format(j) for j in range(k)] + targets.column_names()
+        first = [(values > 0.5).astype(int).tolist()]
+    else:
+        ids = (values[:, 0] > 0.5).astype(int) if k == 1 else np.argmax(values, axis=1)
+        header, first = ["prediction", *targets.column_names()], [[[label] for label in targets.decode(ids)]]
+    number = repr if values.dtype == np.float64 else "{:.9g}".format  # both read back to the same value
+    with open(target, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for i, row in enumerate(values.tolist()):
+            writer.writerow([*(v for part in first for v in part[i]), *map(number, row)])
 
 
 # ----------------------------------------------------------------------------- diagnostics
@@ -501,7 +584,7 @@ Examples:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="PNG file (default RUN_DIR/training.png).")
 @one_process
 def plot(run_dir, output):
-    """Draw train/val loss, accuracy and per-layer gradient norms of a run (needs matplotlib)."""
+    """Draw train/val loss, accuracy (regressions: RMSE and R2) and per-layer gradient norms (needs matplotlib)."""
     from dpbp.plot import plot_run
 
     click.echo(f"wrote {plot_run(run_dir, output)}")
@@ -528,7 +611,7 @@ def gradcheck(config_file, overrides, rows, samples, tolerance):
 
     cfg = load_config(config_file, overrides)
     data = prepare_data(cfg)
-    model = as_float64(build_model(cfg))
+    model = as_float64(build_model(cfg, data.sizes))
     x, y = data.train.x[:rows], data.train.y[:rows]
     click.echo(f"checking {model.sizes} {model.activation}/{model.output}/{model.loss} on {x.shape[0]} rows "
                "(float64, fourth-order central differences)")

@@ -11,8 +11,10 @@ rules validation enforces and ``doc_markdown`` prints:
 * ``min`` / ``max``: inclusive bounds;
 * ``min_exclusive`` / ``max_exclusive``: strict bounds;
 * ``min_len`` / ``item_min``: list length and per-item lower bound;
+* ``empty_ok``: an empty list is allowed besides lists of ``min_len`` or more entries;
 * ``nonempty``: the string may not be empty;
-* ``int_as_str``: an integer is accepted and stored as its decimal string.
+* ``int_as_str``: an integer is accepted and stored as its decimal string;
+* ``bool_as_str``: a boolean is accepted and stored as ``"true"`` or ``"false"``.
 
 Rules that relate two fields live in ``_CROSS_CHECKS`` together with their doc text.
 Every problem raises :class:`dpbp.errors.ConfigError` with the dotted key. Stdlib only.
@@ -68,11 +70,20 @@ class ModelConfig:
     """``[model]``: network shape, activations, loss and numeric precision."""
 
     layers: list[int] = field(
-        default_factory=lambda: [2, 128, 128, 5],
+        default_factory=list,
         metadata=_meta(
-            "full layer sizes [n_in, hidden..., n_out]; n_in must match the data's "
-            "features, n_out its classes/targets",
+            "full layer sizes [n_in, hidden..., n_out], checked against the data (n_in: its features, "
+            "n_out: its classes or target columns); empty: model.hidden between the data's widths",
             min_len=2,
+            empty_ok=True,
+            item_min=1,
+        ),
+    )
+    hidden: list[int] = field(
+        default_factory=lambda: [128, 128],
+        metadata=_meta(
+            "hidden layer sizes; the input width is the data's feature count and the output width its "
+            "class or target column count (shown at start-up); [] for none; give this or model.layers",
             item_min=1,
         ),
     )
@@ -92,8 +103,9 @@ class ModelConfig:
     loss: str = field(
         default="cross_entropy",
         metadata=_meta(
-            "training loss; cross_entropy needs softmax output, binary_cross_entropy "
-            "sigmoid",
+            "training loss, which sets the task: cross_entropy (softmax output) classifies class labels; "
+            "binary_cross_entropy (sigmoid) fits 0/1 or soft targets; mse fits numeric targets (a regression; "
+            "over a softmax: class labels); mse is 1/2 sum_j (a_j - y_j)^2 per sample",
             choices=("mse", "cross_entropy", "binary_cross_entropy"),
         ),
     )
@@ -142,16 +154,35 @@ class DataConfig:
     normalize: str = field(
         default="standard",
         metadata=_meta(
-            "feature normalisation, fitted on the training split",
+            "feature normalisation, fitted in float64 on the training split before the cast to model.dtype",
             choices=("none", "standard", "minmax"),
+        ),
+    )
+    normalize_targets: str = field(
+        default="auto",
+        metadata=_meta(
+            "regression targets: standard trains on (y - mean) / std of the training split and reports "
+            "outputs and metrics in the original units; auto: standard for loss mse with output identity, "
+            "none otherwise",
+            choices=("auto", "none", "standard"),
         ),
     )
     label_column: str = field(
         default="last",
         metadata=_meta(
-            "CSV label column: last, first, a 0-based index, or a header name",
+            "table label column: last, first, a 0-based index, or a header name; it may hold text "
+            "(class labels)",
             nonempty=True,
             int_as_str=True,
+        ),
+    )
+    header: str = field(
+        default="auto",
+        metadata=_meta(
+            "does a table's first row name its columns? auto: yes when a column holds text there and "
+            "numbers below",
+            choices=("auto", "true", "false"),
+            bool_as_str=True,
         ),
     )
 
@@ -407,13 +438,21 @@ def _check_loss_output(cfg: Config) -> str | None:
 
 
 def _check_softmax_width(cfg: Config) -> str | None:
-    if cfg.model.output != "softmax" or cfg.model.layers[-1] >= 2:
+    if cfg.model.output != "softmax" or not cfg.model.layers or cfg.model.layers[-1] >= 2:
         return None
     # A softmax over one unit is constantly 1: nothing could be learned.
     return (
         f"output 'softmax' needs at least 2 output units, got layers[-1] = "
         f"{cfg.model.layers[-1]}; use output = 'sigmoid' for a single binary target"
     )
+
+
+def _check_target_scaling(cfg: Config) -> str | None:
+    m = cfg.model
+    if cfg.data.normalize_targets != "standard" or (m.loss, m.output) == ("mse", "identity"):
+        return None
+    return (f"'standard' scales regression targets: it needs loss = 'mse' with output = 'identity', "
+            f"got loss = '{m.loss}', output = '{m.output}'")
 
 
 def _check_min_lr(cfg: Config) -> str | None:
@@ -458,6 +497,11 @@ _CROSS_CHECKS: tuple[tuple[str, str, Callable[[Config], str | None]], ...] = (
         "model.layers",
         "with `output = softmax` the last size must be >= 2",
         _check_softmax_width,
+    ),
+    (
+        "data.normalize_targets",
+        "`standard` needs `model.loss = mse` with `model.output = identity`",
+        _check_target_scaling,
     ),
     ("train.min_lr", "must be < `train.lr`", _check_min_lr),
     ("train.heartbeat_timeout", "0 (off) or at least 1", _check_heartbeat_timeout),
@@ -519,6 +563,8 @@ def _coerce(key: str, typ: Any, meta: Mapping[str, Any], value: Any) -> Any:
             and not isinstance(value, bool)
         ):
             return str(value)
+        if meta.get("bool_as_str") and isinstance(value, bool):
+            return "true" if value else "false"
         want = "a string or an integer" if meta.get("int_as_str") else "a string"
         raise ConfigError(key, f"expected {want}, got {_show(value)}")
     if typing.get_origin(typ) is list and typing.get_args(typ) == (int,):
@@ -543,7 +589,7 @@ def _check_rules(key: str, meta: Mapping[str, Any], value: Any) -> None:
         raise ConfigError(key, "must not be empty")
     if isinstance(value, list):
         n = meta.get("min_len")
-        if n is not None and len(value) < n:
+        if n is not None and len(value) < n and not (meta.get("empty_ok") and not value):
             raise ConfigError(key, f"needs at least {n} entries, got {value!r}")
         lo = meta.get("item_min")
         if lo is not None:
@@ -584,7 +630,7 @@ def _allowed_text(meta: Mapping[str, Any]) -> str:
         return ", ".join(meta["choices"])
     parts = []
     if "min_len" in meta:
-        parts.append(f"length >= {meta['min_len']}")
+        parts.append(f"length >= {meta['min_len']}" + (" or empty" if meta.get("empty_ok") else ""))
     if "item_min" in meta:
         parts.append(f"each >= {meta['item_min']}")
     if _bounds_text(meta):
@@ -604,7 +650,8 @@ _ALIASES = {
     "num_epochs": "train.epochs",
     "max_epochs": "train.epochs",
     "patience": "train.early_stopping_patience",
-    "hidden": "model.layers",
+    "hidden_layers": "model.hidden",
+    "hidden_sizes": "model.hidden",
     "sizes": "model.layers",
     "val_split": "data.val_fraction",
     "out_dir": "run.dir",
@@ -692,12 +739,24 @@ def _build(raw: Mapping[str, Any]) -> Config:
             _check_rules(key, meta, value)
             kwargs[name] = value
         sections[sname] = cls(**kwargs)
+    sections["model"] = _layers_or_hidden(sections["model"], raw.get("model", {}))
     cfg = Config(**sections)
     for key, _doc, check in _CROSS_CHECKS:
         message = check(cfg)
         if message:
             raise ConfigError(key, message)
     return cfg
+
+
+def _layers_or_hidden(model: ModelConfig, given: Mapping[str, Any]) -> ModelConfig:
+    """``model.layers`` set: ``model.hidden`` becomes its middle; both given and disagreeing: ConfigError."""
+    if not model.layers:
+        return model
+    inner = list(model.layers[1:-1])
+    if "hidden" in given and list(model.hidden) != inner:
+        raise ConfigError("model.hidden", f"{list(model.hidden)} disagrees with model.layers = {list(model.layers)}; "
+                          "give model.hidden (the input and output widths follow the data) or model.layers, not both")
+    return dataclasses.replace(model, hidden=inner)
 
 
 def default_config() -> Config:
@@ -736,6 +795,10 @@ def replace(cfg: Config, **dotted: Any) -> Config:
     Values must already have the field's Python type (same rules as a TOML file).
     """
     d = to_dict(cfg)
+    if "model.layers" in dotted and "model.hidden" not in dotted:
+        d["model"].pop("hidden")  # the new layers set the hidden sizes
+    elif "model.hidden" in dotted and "model.layers" not in dotted:
+        d["model"]["layers"] = []  # the new hidden sizes go between the data's widths
     for key, value in dotted.items():
         section, name = _split_key(key)
         d[section][name] = value
@@ -802,6 +865,11 @@ def load_config(
             raise ConfigError("", f"{path}: cannot read: {e.strerror or e}") from None
     if base is not None:
         merged: dict[str, Any] = to_dict(base)
+        # The file's model.layers or model.hidden replaces both of the base's.
+        shape = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+        if "layers" in shape or "hidden" in shape:
+            merged["model"].pop("hidden")
+            merged["model"].pop("layers")
         for section, table in raw.items():
             if isinstance(table, dict) and isinstance(merged.get(section), dict):
                 merged[section].update(table)
@@ -810,6 +878,7 @@ def load_config(
         raw = merged
     if isinstance(overrides, str):  # a lone string would be iterated per character
         overrides = [overrides]
+    given: set[tuple[str, str]] = set()
     for item in overrides:
         section, name, value = _parse_override(item)
         table = raw.setdefault(section, {})
@@ -817,7 +886,11 @@ def load_config(
             raise ConfigError(
                 section, f"expected a table [{section}], got {_show(table)}"
             )
+        other = {"layers": "hidden", "hidden": "layers"}.get(name) if section == "model" else None
+        if other is not None and ("model", other) not in given:
+            table.pop(other, None)  # overrides the file's (or base's) model shape; both given here must agree
         table[name] = value
+        given.add((section, name))
     return _build(raw)
 
 
@@ -935,6 +1008,8 @@ def doc_markdown() -> str:
             allowed = _allowed_text(meta) or "any"
             if meta.get("int_as_str"):
                 allowed += " (an integer is accepted)"
+            if meta.get("bool_as_str"):
+                allowed += " (a TOML boolean is accepted)"
             row = (
                 f"`{name}`",
                 _type_name(typ),

@@ -2,32 +2,37 @@
 
 This module owns everything between a source string and the rows one rank trains on:
 
-* loading (:func:`load_source`) into a :class:`Dataset`;
-* checking that a data set fits a model and loss (:func:`validate`);
-* the train/validation split (:func:`split_validation`) and feature scaling (:class:`Normalizer`);
+* loading (:func:`load_source`) into a :class:`Dataset`, as the source holds it (raw);
+* checking that prepared data fit a model (:func:`validate`);
+* the train/validation split (:func:`split_rows`, :func:`split_validation`) and feature scaling
+  (:class:`Normalizer`, fitted and applied in float64 before the cast to the model dtype);
 * the batch plan shared by all ranks: the seeded global shuffle (:func:`epoch_permutation`),
   the global batches (:func:`num_batches`, :func:`batch_bounds`), each rank's contiguous
   shard of a batch (:func:`shard_bounds`) and the copy of those rows into a preallocated
   buffer (:func:`gather_rows`).
+
+What the labels mean (class labels, regression or binary targets) is not decided here but by
+the model's task, in :mod:`dpbp.targets`.
 
 Source strings understood by :func:`load_source`:
 
 1. A built-in, optionally with parameters: ``spirals`` or ``spirals:n=3000,classes=5,noise=0.2``.
    Built-ins are generated from ``seed``; nothing is downloaded. See :func:`builtin_names`.
    A built-in name wins over a file of the same name; write ``./spirals`` for the file.
-2. ``path.npz`` holding arrays ``x`` and ``y``.
+2. ``path.npz`` holding arrays ``x`` and ``y`` (``y`` may hold numbers or text).
 3. ``x.npy,y.npy``: two ``.npy`` files.
-4. ``path.csv`` / ``.tsv`` / ``.txt``: a numeric table; the delimiter (comma, tab, semicolon or
-   whitespace) is sniffed, a first row that is not all numeric is a header, ``#`` starts a
-   comment. ``label_column`` picks the label: ``"last"``, ``"first"``, an index (negative
-   allowed, int or digit string) or a header name.
+4. ``path.csv`` / ``.tsv`` / ``.txt``: a table of numbers whose label column may hold text; the
+   delimiter (comma, tab, semicolon or whitespace) is sniffed, ``#`` starts a comment, cells may
+   be quoted (``"``). ``header``: ``"true"``, ``"false"`` or ``"auto"`` (the first row is a header
+   when a column holds text there and numbers in the rows below). ``label_column`` picks the
+   label: ``"last"``, ``"first"``, an index (negative allowed, int or digit string) or a header
+   name. Read by NumPy's C ``loadtxt``; messages name the line and column of a bad cell.
 5. ``images,labels``: an MNIST-style IDX pair (magic 0x00000803 uint8 ``(n, rows, cols)`` and
    0x00000801 uint8 ``(n,)``), gzipped or raw. Pixels are scaled to [0, 1].
 
-Label rules, the same for every source: an integer ``y`` (or a 1-D float ``y`` whose values are
-all integers) becomes ``(n,)`` int64 class ids; a 2-D ``y`` becomes float targets in x's dtype;
-any other 1-D ``y`` becomes ``(n, 1)`` float targets. ``x`` with more than two dimensions is
-flattened to ``(n, d)``. Every problem a user can fix raises :class:`~dpbp.errors.DataError`.
+``x`` with more than two dimensions is flattened to ``(n, d)``. ``y`` is kept as the source holds
+it: ``(n,)`` or ``(n, k)``, numbers (integers as int64) or text. Every problem a user can fix
+raises :class:`~dpbp.errors.DataError`.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from dpbp import memory
 from dpbp.errors import CheckpointError, DataError
 
 __all__ = [
+    "HEADER_MODES",
     "LOSSES",
     "NORMALIZERS",
     "Dataset",
@@ -64,12 +70,14 @@ __all__ = [
     "load_source",
     "num_batches",
     "shard_bounds",
+    "split_rows",
     "split_validation",
     "validate",
 ]
 
 LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
 NORMALIZERS = ("none", "standard", "minmax")
+HEADER_MODES = ("auto", "true", "false")
 
 _SOURCE_FORMS = (
     "a built-in with optional parameters ('spirals', 'spirals:n=3000,classes=5')",
@@ -93,14 +101,20 @@ _BUILTIN_STREAM = 0xDA7A
 class Dataset:
     """Samples and targets held in memory.
 
-    ``x``: ``(n, d)`` C-contiguous float32 or float64.
-    ``y``: ``(n,)`` int64 class ids, or ``(n, k)`` float targets with ``x``'s dtype.
+    As loaded (:func:`load_source`): ``x`` ``(n, d)`` C-contiguous numbers (float32/float64 unless a
+    ``dtype`` was asked for, which it then has), ``y`` ``(n,)`` or ``(n, k)`` numbers or text.
+    Prepared for a model (``dpbp.train.prepare_data``): ``x`` normalised in the model dtype and ``y``
+    ``(n,)`` int64 class ids or ``(n, k)`` float targets in the model dtype (see dpbp.targets).
     ``source``: human-readable origin, used as the prefix of every message about this data.
+    ``where(i)``: where data row ``i`` came from (``"line 12"`` of a table), for messages; None:
+    ``"row i"``. ``label_name``: the header name of a table's label column.
     """
 
     x: np.ndarray
     y: np.ndarray
     source: str
+    where: Callable[[int], str] | None = None
+    label_name: str | None = None
 
     @property
     def n_samples(self) -> int:
@@ -109,6 +123,10 @@ class Dataset:
     @property
     def n_features(self) -> int:
         return int(self.x.shape[1])
+
+    def row_name(self, i: int) -> str:
+        """Where data row ``i`` came from, for a message: ``"line 12"`` of a table or ``"row 11"``."""
+        return self.where(i) if self.where is not None else f"row {i}"
 
     def __repr__(self) -> str:
         # Shapes, not contents: a data set may be printed inside an error report.
@@ -164,26 +182,25 @@ def _make_highdim(seed: int, n: int, d: int, classes: int) -> tuple[np.ndarray, 
     return x, cluster % classes
 
 
-def _xor_bytes(itemsize: int, repeat: int) -> int:
-    """Peak bytes of ``_make_xor`` and its cast: float64 tiles, then x and y in the data's dtype."""
-    rows = 4 * repeat
-    return rows * 3 * (8 + (itemsize if itemsize != 8 else 0))
+def _xor_bytes(repeat: int) -> int:
+    """Peak bytes of ``_make_xor``: the float64 tiles of x and y."""
+    return 4 * repeat * 3 * 8
 
 
-def _spirals_bytes(itemsize: int, n: int, classes: int, noise: float, turns: float) -> int:
+def _spirals_bytes(n: int, classes: int, noise: float, turns: float) -> int:
     """Peak bytes of ``_make_spirals``: labels, radius, angle, two coordinates and the stacked pair."""
     return n * 8 * 8
 
 
-def _highdim_bytes(itemsize: int, n: int, d: int, classes: int) -> int:
-    """Peak bytes of ``_make_highdim`` and its cast.
+def _highdim_bytes(n: int, d: int, classes: int) -> int:
+    """Peak bytes of ``_make_highdim``.
 
     The centres (with their broadcast product), cluster ids and labels, the float32
-    features and one block of noise, plus the float64 copy of the features if asked for.
+    features and one block of noise.
     """
     rank, centres = min(_HD_RANK, d), classes * _HD_SUB
     setup = 8 * d * (rank + centres * rank + centres)
-    return setup + n * d * (4 + (itemsize if itemsize != 4 else 0)) + 16 * n + min(n, 4096) * d * 4
+    return setup + n * d * 4 + 16 * n + min(n, 4096) * d * 4
 
 
 @dataclass(frozen=True)
@@ -191,22 +208,23 @@ class _Builtin:
     make: Callable[..., tuple[np.ndarray, np.ndarray]]
     params: dict[str, tuple[int | float, int | float]]  # name -> (default, inclusive minimum)
     summary: str
-    peak_bytes: Callable[..., int]  # (itemsize, **params) -> bytes its generation peaks at
+    peak_bytes: Callable[..., int]  # (**params) -> bytes its generation peaks at
     shape: Callable[..., tuple[int, int, bool]]  # (**params) -> rows, features, float targets?
+    itemsize: int  # bytes per feature value as generated (float64 8, float32 4)
 
 
 _BUILTINS: dict[str, _Builtin] = {
     "xor": _Builtin(_make_xor, {"repeat": (1, 1)},
                     "the 4 XOR points, float targets (4*repeat, 1)",
-                    _xor_bytes, lambda repeat: (4 * repeat, 2, True)),
+                    _xor_bytes, lambda repeat: (4 * repeat, 2, True), 8),
     "spirals": _Builtin(_make_spirals,
                         {"n": (3000, 1), "classes": (3, 2), "noise": (0.2, 0.0),
                          "turns": (1.0, 0.0)},
                         "2-D interleaved spiral arms, int class ids",
-                        _spirals_bytes, lambda n, **_: (n, 2, False)),
+                        _spirals_bytes, lambda n, **_: (n, 2, False), 8),
     "highdim": _Builtin(_make_highdim, {"n": (60000, 1), "d": (100, 1), "classes": (10, 2)},
                         "Gaussian sub-clusters in a low-rank subspace of d-D, int class ids",
-                        _highdim_bytes, lambda n, d, classes: (n, d, False)),
+                        _highdim_bytes, lambda n, d, classes: (n, d, False), 4),
 }
 
 
@@ -253,12 +271,12 @@ def _builtin_values(name: str, text: str) -> dict[str, int | float]:
 
 
 def builtin_bytes(source: str, dtype="float32") -> int | None:
-    """Bytes of memory loading built-in ``source`` takes on one rank, or None for other sources.
+    """Bytes of memory preparing built-in ``source`` for a ``dtype`` model takes on one rank, or None for other sources.
 
     The larger of the generator's peak (x, y and its float64 temporaries; see the
-    ``*_bytes`` functions) and twice the finished x and y (the train/validation split
-    and the normalisation each copy them once) plus the masks of the checks. Raises
-    DataError for bad parameters.
+    ``*_bytes`` functions) and the data as generated plus the prepared x and y in ``dtype``
+    (normalised straight from the generated rows, split included), the encoded targets
+    and the masks and row indices of the checks and the split. Raises DataError for bad parameters.
     """
     name, _, params = source.strip().partition(":")
     if name not in _BUILTINS:
@@ -268,12 +286,14 @@ def builtin_bytes(source: str, dtype="float32") -> int | None:
 
 def _builtin_need(spec: _Builtin, values: dict, itemsize: int) -> int:
     rows, features, float_targets = spec.shape(**values)
+    raw = rows * (features * spec.itemsize + 8)  # as generated: x, and y as float64 targets or int64 labels
     final = rows * (features * itemsize + (itemsize if float_targets else 8))  # x, and y as targets or int64 ids
-    # DataError checks and the split's row masks: up to one byte per value and two per row on top of the copy.
-    return max(spec.peak_bytes(itemsize, **values), 2 * final + rows * (features + 8))
+    # The finite check's mask (a byte per value) or the encoded targets (float64), the split's mask and row indices.
+    work = rows * (max(features, 8 if float_targets else 0) + 17)
+    return max(spec.peak_bytes(**values), raw + final + work)
 
 
-_BUILTIN_COUNTS = "generating it, then x and y copied once"
+_BUILTIN_COUNTS = "generating it, then x and y prepared for the model"
 
 
 def check_memory(source: str, *, dtype="float32", key: str = "") -> None:
@@ -286,15 +306,17 @@ def check_memory(source: str, *, dtype="float32", key: str = "") -> None:
         memory.check_data(f"{key}: {source!r}" if key else repr(source), need, _BUILTIN_COUNTS)
 
 
-def _load_builtin(name: str, text: str, seed: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, str]:
+def _load_builtin(name: str, text: str, seed: int, dtype: np.dtype | None) -> tuple[np.ndarray, np.ndarray, str]:
     """Parse ``k=v,...`` against the built-in's parameter table and generate it.
 
-    Refuses (DataError) before generating a data set that cannot fit in memory.
+    Refuses (DataError) before generating a data set that cannot fit in memory (prepared for a
+    ``dtype`` model; None: the dtype it is generated in).
     """
     spec = _BUILTINS[name]
     values = _builtin_values(name, text)
     label = f"{name}:" + ",".join(f"{k}={v}" for k, v in values.items()) + f" (seed {seed})"
-    memory.check_data(f"built-in {label}", _builtin_need(spec, values, dtype.itemsize), _BUILTIN_COUNTS)
+    itemsize = spec.itemsize if dtype is None else dtype.itemsize
+    memory.check_data(f"built-in {label}", _builtin_need(spec, values, itemsize), _BUILTIN_COUNTS)
     x, y = spec.make(seed, **values)
     return x, y, label
 
@@ -314,11 +336,21 @@ def _check_numeric(a: np.ndarray, what: str, source: str) -> None:
         raise DataError(f"{source}: expected numeric {what}, found dtype {a.dtype}")
 
 
-def _assemble(x, y, source: str, dtype: np.dtype) -> Dataset:
-    """Apply the module's shape and label rules (see the module docstring) to raw arrays."""
+def _assemble(x, y, source: str, dtype: np.dtype | None, where=None, label_name=None) -> Dataset:
+    """Shape rules of the module docstring for raw arrays; ``x`` cast to ``dtype`` unless it is None.
+
+    With ``dtype`` None, float x keeps its dtype and integer or bool x becomes float64 (exact
+    below 2**53). ``y`` stays as given (numbers, integers as int64, or text).
+    """
     x, y = np.asarray(x), np.asarray(y)
     _check_numeric(x, "x", source)
-    _check_numeric(y, "y", source)
+    if y.dtype.kind == "S":
+        try:
+            y = y.astype(str)
+        except UnicodeDecodeError:
+            raise DataError(f"{source}: y holds bytes that are not text") from None
+    if y.dtype.kind not in "biufU":
+        raise DataError(f"{source}: expected y of numbers or text, found dtype {y.dtype}")
     if x.ndim < 2:
         raise DataError(f"{source}: expected x of shape (n, d), found shape {x.shape} "
                         "(reshape a single feature to (n, 1))")
@@ -326,22 +358,17 @@ def _assemble(x, y, source: str, dtype: np.dtype) -> Dataset:
         x = x.reshape(x.shape[0], -1)  # images (n, h, w) -> (n, h*w)
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise DataError(f"{source}: expected a non-empty data set, found x of shape {x.shape}")
-    if y.ndim not in (1, 2) or y.shape[0] != x.shape[0]:
+    if y.ndim not in (1, 2) or y.shape[0] != x.shape[0] or 0 in y.shape:
         raise DataError(f"{source}: expected y of shape ({x.shape[0]},) or ({x.shape[0]}, k) "
                         f"to match x {x.shape}, found y of shape {y.shape}")
+    if dtype is None:
+        dtype = x.dtype if x.dtype.kind == "f" else np.float64
     x = np.ascontiguousarray(x, dtype=dtype)
-    if y.ndim == 2:
-        return Dataset(x, np.ascontiguousarray(y, dtype=dtype), source)
-    if np.issubdtype(y.dtype, np.unsignedinteger) and y.max() > np.iinfo(np.int64).max:
-        raise DataError(f"{source}: class ids must fit int64, found max {y.max()}")
-    if np.issubdtype(y.dtype, np.floating):
-        # Integer-valued floats (labels read from a CSV) are class ids; the bound keeps the
-        # int64 cast exact.
-        whole = np.isfinite(y).all() and bool(np.all(y == np.round(y))) \
-            and np.abs(y).max() < 2.0 ** 53
-        if not whole:
-            return Dataset(x, np.ascontiguousarray(y.reshape(-1, 1), dtype=dtype), source)
-    return Dataset(x, np.ascontiguousarray(y, dtype=np.int64), source)
+    if y.dtype.kind in "biu":
+        if y.dtype.kind == "u" and y.max() > np.iinfo(np.int64).max:
+            raise DataError(f"{source}: integer labels must fit int64, found max {y.max()}")
+        y = y.astype(np.int64, copy=False)
+    return Dataset(x, np.ascontiguousarray(y), source, where, label_name)
 
 
 # --------------------------------------------------------------------------- files
@@ -420,8 +447,54 @@ def _is_number(cell: str) -> bool:
     return True
 
 
-def _sniff_table(path: Path, sample: int = 20):
-    """Delimiter (None = whitespace), header names or None, lines to skip, column count."""
+@dataclass
+class _Table:
+    """What the sniffing pass learned about a table: how to read it and what to call its rows."""
+
+    path: Path
+    delimiter: str | None  # None: runs of whitespace
+    names: list[str] | None  # the header row, or None
+    skip: int  # physical lines before the first data row (the header and what precedes it)
+    n_cols: int
+
+    def where(self, row: int) -> str:
+        """``"line L"`` (1-based, physical) of data row ``row`` (0-based); scans the file, for messages only."""
+        count = -1
+        try:
+            with open(self.path, encoding="utf-8-sig", newline=None) as f:
+                for i, raw in enumerate(f):
+                    if i >= self.skip and _strip_comment(raw):
+                        count += 1
+                        if count == row:
+                            return f"line {i + 1}"
+        except (OSError, UnicodeDecodeError):
+            pass
+        return f"data row {row + 1}"
+
+    def column(self, j: int) -> str:
+        """``"column 3 ('species')"`` (1-based) for messages."""
+        return f"column {j + 1}" + (f" ({self.names[j]!r})" if self.names else "")
+
+
+def _header_row(rows: list[list[str]], header: str) -> bool:
+    """Is the first row a header? ``header``: "true", "false" or "auto".
+
+    auto: yes when some column holds text in the first row and numbers in every other row read,
+    so text labels never pass for a header, and a header of numbers needs ``header = true``.
+    """
+    if header != "auto":
+        return header == "true"
+    first, rest = rows[0], rows[1:]
+    if not rest:
+        return not all(_is_number(c) for c in first)
+    return any(not _is_number(cell) and all(j < len(r) and _is_number(r[j]) for r in rest)
+               for j, cell in enumerate(first))
+
+
+def _sniff_table(path: Path, header: str = "auto", sample: int = 20) -> _Table:
+    """Delimiter, header and width of the table at ``path`` from its first ``sample`` rows."""
+    if header not in HEADER_MODES:
+        raise ValueError(f"header must be one of {HEADER_MODES}, got {header!r}")
     first = {".tsv": "\t", ".csv": ","}.get(path.suffix.lower(), ",")
     candidates = [first] + [c for c in (",", "\t", ";") if c != first]
     lines: list[tuple[int, str]] = []  # (0-based physical line, text without comment)
@@ -436,7 +509,7 @@ def _sniff_table(path: Path, sample: int = 20):
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path} as a text table: {e}") from None
     if not lines:
-        raise DataError(f"{path}: expected a numeric table, found no rows")
+        raise DataError(f"{path}: expected a table, found no rows")
     options = [*candidates, None]
     consistent = [c for c in options
                   if len(counts := {len(_split_cells(t, c)) for _, t in lines}) == 1
@@ -445,37 +518,45 @@ def _sniff_table(path: Path, sample: int = 20):
     # row that disagrees is the one reported.
     delimiter = consistent[0] if consistent else max(
         options, key=lambda c: len(_split_cells(lines[0][1], c)))
-    cells = _split_cells(lines[0][1], delimiter)
-    header = None if all(_is_number(c) for c in cells) else cells
-    skip = lines[0][0] + 1 if header else 0
-    if header and len(lines) == 1:
-        raise DataError(f"{path}: expected data rows after the header, found none")
-    return delimiter, header, skip, len(cells)
+    rows = [_split_cells(t, delimiter) for _, t in lines]
+    names = rows[0] if _header_row(rows, header) else None
+    skip = lines[0][0] + 1 if names else 0
+    if names and len(lines) == 1:
+        raise DataError(f"{path}: expected data rows after the header, found none"
+                        + (" (data.header = auto took the first row for a header: set it to false if it is "
+                           "data)" if header == "auto" else ""))
+    return _Table(path, delimiter, names, skip, len(rows[0]))
 
 
-def _table_error(path: Path, delimiter, skip: int, header, n_cols: int, reason: str) -> DataError:
-    """Find the first malformed row the fast reader choked on and say where it is."""
+def _table_error(table: _Table, reason: str, text_column: int | None = None,
+                 target_column: int | None = None) -> DataError:
+    """Find the first malformed row the fast reader choked on and say where it is.
+
+    ``text_column``: the column that may hold text (class labels), not checked for numbers.
+    ``target_column``: the label column when it must hold numbers (targets): text there gets a hint.
+    """
     try:
-        with open(path, encoding="utf-8-sig", newline=None) as f:
+        with open(table.path, encoding="utf-8-sig", newline=None) as f:
             lines = list(f)
     except (OSError, UnicodeDecodeError) as e:
-        return DataError(f"cannot read {path} as a text table: {e}")
+        return DataError(f"cannot read {table.path} as a text table: {e}")
     row = 0
     for i, raw in enumerate(lines):
         text = _strip_comment(raw)
-        if i < skip or not text:
+        if i < table.skip or not text:
             continue
         row += 1
-        cells = _split_cells(text, delimiter)
-        if len(cells) != n_cols:
-            return DataError(f"{path}: line {i + 1} (data row {row}): expected {n_cols} "
+        cells = _split_cells(text, table.delimiter)
+        if len(cells) != table.n_cols:
+            return DataError(f"{table.path}: line {i + 1} (data row {row}): expected {table.n_cols} "
                              f"cells, found {len(cells)}")
         for j, cell in enumerate(cells):
-            if not _is_number(cell):
-                name = f" ({header[j]!r})" if header else ""
-                return DataError(f"{path}: line {i + 1} (data row {row}), column {j + 1}"
-                                 f"{name}: expected a number, found {cell!r}")
-    return DataError(f"cannot read {path}: {reason}")
+            if j != text_column and not _is_number(cell):
+                hint = (" (this model's loss takes numeric targets; for class labels use model.loss = "
+                        "\"cross_entropy\")" if j == target_column and cell else "")
+                return DataError(f"{table.path}: line {i + 1} (data row {row}), {table.column(j)}: "
+                                 f"expected a number, found {cell!r}{hint}")
+    return DataError(f"cannot read {table.path}: {reason}")
 
 
 def _label_index(label_column, header, n_cols: int, path: Path) -> int:
@@ -489,7 +570,8 @@ def _label_index(label_column, header, n_cols: int, path: Path) -> int:
     if isinstance(lc, str):
         if header is None:
             raise DataError(f"{path}: label_column {lc!r} names a column, but the table has "
-                            "no header row; use 'first', 'last' or a column index")
+                            "no header row; use 'first', 'last' or a column index (or data.header = true "
+                            "if its first row is the header)")
         if header.count(lc) != 1:
             found = "several columns" if lc in header else "no column"
             raise DataError(f"{path}: label_column {lc!r} matches {found}; header: {header}")
@@ -501,43 +583,90 @@ def _label_index(label_column, header, n_cols: int, path: Path) -> int:
                     f"in [{-n_cols}, {n_cols - 1}], found {label_column!r}")
 
 
-def _read_table(path: Path) -> tuple[np.ndarray, list[str] | None, int]:
-    """The numeric table at ``path`` as float64 (rows, columns), its header (or None) and width."""
-    delimiter, header, skip, n_cols = _sniff_table(path)
+def _read_table(path: Path, header: str = "auto", label_column=None, text_labels: bool = False):
+    """Read a table with NumPy's C reader: (x, y, table).
+
+    ``x``: every column but the label column, float64 ``(n, d)``. ``y``: the label column (None
+    without ``label_column``): float64, or with ``text_labels`` the labels as numbers when every
+    one is a number and as stripped text otherwise. Text in the label column costs one Python call
+    per row (a converter that numbers each distinct text), not a second pass.
+    """
+    table = _sniff_table(path, header)
+    label = None if label_column is None else _label_index(label_column, table.names, table.n_cols, path)
+    codes: dict[str, float] = {}  # label text -> number, in order of first appearance
+
+    def code(text: str) -> float:
+        found = codes.get(text)
+        if found is None:
+            found = codes[text] = float(len(codes))
+        return found
+
+    converters = {label: code} if label is not None and text_labels else None
     try:
         # Fast C parser first; the Python scan only runs to explain a failure.
-        table = np.loadtxt(path, delimiter=delimiter, skiprows=skip, comments="#",
-                           dtype=np.float64, ndmin=2, encoding="utf-8-sig",
-                           quotechar='"' if delimiter else None)
+        values = np.loadtxt(path, delimiter=table.delimiter, skiprows=table.skip, comments="#",
+                            dtype=np.float64, ndmin=2, encoding="utf-8-sig",
+                            quotechar='"' if table.delimiter else None, converters=converters)
     except ValueError as e:
-        raise _table_error(path, delimiter, skip, header, n_cols, str(e)) from None
+        raise _table_error(table, str(e), label if converters else None, label) from None
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from None
-    if table.shape[1] != n_cols:
-        raise _table_error(path, delimiter, skip, header, n_cols, "column count changed")
-    return table, header, n_cols
+    if values.shape[1] != table.n_cols:
+        raise _table_error(table, "column count changed", label if converters else None, label)
+    if values.shape[0] == 0:
+        raise DataError(f"{path}: expected data rows, found none")
+    if label is None:
+        return values, None, table
+    x = np.delete(values, label, axis=1)  # a contiguous copy
+    if converters is None:
+        return x, values[:, label].copy(), table
+    ids = values[:, label].astype(np.int64)
+    del values
+    texts = [t.strip() for t in codes]
+    if all(t and _is_number(t) for t in texts):
+        return x, np.array([float(t) for t in texts])[ids], table
+    return x, np.array(texts)[ids], table
 
 
-def _load_table(path: Path, label_column) -> tuple[np.ndarray, np.ndarray]:
-    table, header, n_cols = _read_table(path)
-    if n_cols < 2:
+def _check_table_features(x: np.ndarray, table: _Table, label: int | None) -> None:
+    """Name the line and column of the first NaN/Inf feature of a table."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        i, j = (int(v) for v in np.argwhere(bad)[0])
+        column = j + (label is not None and j >= label)  # the file's own column
+        raise DataError(f"{table.path}: {table.where(i)}, {table.column(column)}: the feature is {x[i, j]} "
+                        f"({int(bad.sum())} NaN/Inf values in all)")
+
+
+def _load_table(path: Path, label_column, header: str, text_labels: bool) -> Dataset:
+    x, y, table = _read_table(path, header, label_column, text_labels)
+    if table.n_cols < 2:
         raise DataError(f"{path}: expected at least 2 columns (features and a label), "
-                        f"found {n_cols}")
-    label = _label_index(label_column, header, n_cols, path)
-    return np.delete(table, label, axis=1), table[:, label]
+                        f"found {table.n_cols}")
+    label = _label_index(label_column, table.names, table.n_cols, path)
+    _check_table_features(x, table, label)
+    name = table.names[label] if table.names else None
+    return Dataset(x, y, str(path), table.where, name)
 
 
-def load_features(path: str, *, dtype="float32") -> np.ndarray:
-    """Features only (no labels), for prediction: ``.npy`` (n, d), ``.npz`` array ``x``, or a table.
+def load_features(path: str, *, dtype="float32", header: str = "auto", drop_column=None) -> np.ndarray:
+    """Features only, for prediction: ``.npy`` (n, d), ``.npz`` array ``x``, or a table.
 
-    Returns a C-contiguous (n, d) array of ``dtype``; raises DataError for anything else,
-    including NaN/Inf (naming the first bad row).
+    ``dtype``: float32, float64, or None to keep the file's own floats (tables: float64; integers
+    become float64). ``header``: as for tables in ``load_source``. ``drop_column``: a table column
+    to leave out (its label column, which may hold text), named as ``label_column`` is.
+    Returns a C-contiguous (n, d) array; raises DataError for anything else, including NaN/Inf
+    (naming the first bad row, for tables its line and column).
     """
-    dt = _float_dtype(dtype)
+    dt = None if dtype is None else _float_dtype(dtype)
     p = _existing_file(path, path)
     if p.suffix.lower() in _TABLE_SUFFIXES:
-        x = _read_table(p)[0]
+        x, _, table = _read_table(p, header, drop_column, text_labels=True)
+        label = None if drop_column is None else _label_index(drop_column, table.names, table.n_cols, p)
+        _check_table_features(x, table, label)
     else:
+        if drop_column is not None:
+            raise DataError(f"{p}: a column to leave out applies to tables (.csv, .tsv, .txt) only")
         arr = _np_load(p)
         if isinstance(arr, np.lib.npyio.NpzFile):
             with arr:
@@ -549,6 +678,8 @@ def load_features(path: str, *, dtype="float32") -> np.ndarray:
     _check_numeric(np.asarray(x), "features", str(p))
     if x.ndim < 2 or x.shape[0] == 0:
         raise DataError(f"{p}: expected features of shape (n, d) with n >= 1, found shape {x.shape}")
+    if dt is None:
+        dt = x.dtype if x.dtype.kind == "f" else np.float64
     x = np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=dt)
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
@@ -607,15 +738,19 @@ def _load_idx(images: Path, labels: Path, dtype: np.dtype) -> tuple[np.ndarray, 
 
 # --------------------------------------------------------------------------- load_source
 
-def load_source(source: str, *, dtype="float32", label_column="last", seed=0) -> Dataset:
+def load_source(source: str, *, dtype="float32", label_column="last", header: str = "auto",
+                text_labels: bool = True, seed=0) -> Dataset:
     """Load a data set from a source string (forms listed in the module docstring).
 
-    ``dtype``: float32 or float64, the dtype of ``x`` and of float targets.
-    ``label_column``: only used for tables. ``seed``: only used by built-ins.
-    Returns a :class:`Dataset` following the module's label rules; raises DataError for a
-    missing, unreadable, malformed or empty source, ValueError for a bad ``dtype``.
+    ``dtype``: float32 or float64, the dtype of ``x``; None keeps the source's own precision
+    (float x as stored, tables float64, integers as float64), for normalising in float64 before
+    the cast. ``y`` is returned as the source holds it (see the module docstring).
+    ``label_column``, ``header``: only used for tables; ``text_labels``: a table's label column may
+    hold text (class labels; False: it must hold numbers, as targets do). ``seed``: only used by
+    built-ins. Raises DataError for a missing, unreadable, malformed or empty source, ValueError
+    for a bad ``dtype``.
     """
-    dt = _float_dtype(dtype)
+    dt = None if dtype is None else _float_dtype(dtype)
     text = source.strip()
     if not text:
         raise DataError(f"data source is empty; {_forms_hint()}")
@@ -635,7 +770,7 @@ def load_source(source: str, *, dtype="float32", label_column="last", seed=0) ->
         if _head(first, len(_NPY_MAGIC)) == _NPY_MAGIC:
             x, y = _load_npy(first), _load_npy(second)
         else:
-            x, y = _load_idx(first, second, dt)
+            x, y = _load_idx(first, second, dt or np.dtype(np.float32))
         return _assemble(x, y, text, dt)
     path = Path(text).expanduser()
     if not path.exists() and not path.suffix and os.sep not in text:
@@ -646,7 +781,8 @@ def load_source(source: str, *, dtype="float32", label_column="last", seed=0) ->
     if suffix == ".npz":
         x, y = _load_npz(path)
     elif suffix in _TABLE_SUFFIXES:
-        x, y = _load_table(path, label_column)
+        ds = _load_table(path, label_column, header, text_labels)
+        return _assemble(ds.x, ds.y, text, dt, ds.where, ds.label_name)
     elif suffix == ".npy":
         raise DataError(f"{path}: a single .npy holds only x; expected 'x.npy,y.npy'")
     else:
@@ -657,100 +793,105 @@ def load_source(source: str, *, dtype="float32", label_column="last", seed=0) ->
 
 # --------------------------------------------------------------------------- validation
 
-def validate(ds: Dataset, *, n_in: int, n_out: int, loss: str, role: str = "train") -> None:
-    """Check that ``ds`` can feed a model with ``n_in`` inputs and ``n_out`` outputs.
+def check_features(ds: Dataset, role: str = "train") -> None:
+    """Raise DataError prefixed ``"{role} data ({source}): "`` unless ``ds.x`` is a finite, non-empty (n, d) array.
 
-    Raises DataError prefixed ``"{role} data ({source}): "`` for non-finite values, a width
-    mismatch, class ids outside the model's range, or targets the loss cannot take.
-    Raises ValueError for a ``loss`` not in :data:`LOSSES`. Reads only; mutates nothing.
+    Names where the first NaN/Inf came from (a table's line, or the row). Reads only.
     """
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     pre = f"{role} data ({ds.source}): "
-    x, y = ds.x, ds.y
+    x = ds.x
     if x.ndim != 2 or x.shape[0] == 0:
         raise DataError(f"{pre}expected a non-empty (n, d) x, found shape {x.shape}")
+    if x.dtype.kind != "f":
+        return
     bad = ~np.isfinite(x)
     if bad.any():
         row = int(np.flatnonzero(bad.any(axis=1))[0])
-        raise DataError(f"{pre}x has {int(bad.sum())} NaN/Inf values, first in row {row}")
+        raise DataError(f"{pre}x has {int(bad.sum())} NaN/Inf values, first at {ds.row_name(row)}")
+
+
+def validate(ds: Dataset, *, n_in: int, n_out: int, role: str = "train") -> None:
+    """Check that a prepared data set ``ds`` can feed a model with ``n_in`` inputs and ``n_out`` outputs.
+
+    ``ds.y``: ``(n,)`` int64 class ids in ``[0, n_out)`` or ``(n, n_out)`` finite float targets (as
+    dpbp.targets encodes them). Raises DataError prefixed ``"{role} data ({source}): "`` for
+    non-finite values, a width mismatch or ids out of range. Reads only; mutates nothing.
+    """
+    pre = f"{role} data ({ds.source}): "
+    check_features(ds, role)
+    x, y = ds.x, ds.y
     if ds.n_features != n_in:
-        raise DataError(f"{pre}has {ds.n_features} features but model.layers[0] is {n_in}")
+        raise DataError(f"{pre}has {ds.n_features} features but the model takes {n_in}")
     if y.shape[0] != x.shape[0]:
         raise DataError(f"{pre}expected {x.shape[0]} targets (one per row), found {y.shape[0]}")
     if y.ndim == 1:
-        _validate_ids(pre, y, n_out, loss)
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{pre}expected 1-D y to hold integer class ids, found {y.dtype}")
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= n_out:
+            raise DataError(f"{pre}class ids must lie in [0, {n_out - 1}] for {n_out} outputs, "
+                            f"found min {lo} and max {hi}")
     elif y.ndim == 2:
-        _validate_targets(pre, y, n_out, loss)
+        if y.shape[1] != n_out:
+            raise DataError(f"{pre}has {y.shape[1]} target columns but the model has {n_out} outputs")
+        bad = ~np.isfinite(y)
+        if bad.any():
+            row = int(np.flatnonzero(bad.any(axis=1))[0])
+            raise DataError(f"{pre}y has {int(bad.sum())} NaN/Inf values, first at {ds.row_name(row)}")
     else:
         raise DataError(f"{pre}expected y of shape (n,) or (n, k), found {y.shape}")
 
 
-def _validate_ids(pre: str, y: np.ndarray, n_out: int, loss: str) -> None:
-    if not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{pre}expected 1-D y to hold integer class ids, found {y.dtype}")
-    if loss == "cross_entropy" and n_out < 2:
-        raise DataError(f"{pre}cross_entropy with class ids needs model.layers[-1] >= 2, "
-                        f"found {n_out} (use binary_cross_entropy for one output)")
-    lo, hi = int(y.min()), int(y.max())
-    allowed = (0, 1) if n_out == 1 else (0, n_out - 1)  # one output: binary 0/1 labels
-    if lo < allowed[0] or hi > allowed[1]:
-        raise DataError(f"{pre}class ids must lie in [{allowed[0]}, {allowed[1]}] for "
-                        f"model.layers[-1] = {n_out}, found min {lo} and max {hi}")
-
-
-def _validate_targets(pre: str, y: np.ndarray, n_out: int, loss: str) -> None:
-    if y.shape[1] != n_out:
-        raise DataError(f"{pre}has {y.shape[1]} target columns but model.layers[-1] is {n_out}")
-    bad = ~np.isfinite(y)
-    if bad.any():
-        row = int(np.flatnonzero(bad.any(axis=1))[0])
-        raise DataError(f"{pre}y has {int(bad.sum())} NaN/Inf values, first in row {row}")
-    if loss == "binary_cross_entropy" and (y.min() < 0 or y.max() > 1):
-        raise DataError(f"{pre}binary_cross_entropy targets must lie in [0, 1], "
-                        f"found min {y.min():g} and max {y.max():g}")
-    if loss == "cross_entropy":
-        sums = y.sum(axis=1, dtype=np.float64)
-        off = np.flatnonzero((np.abs(sums - 1) > 1e-3) | (y < 0).any(axis=1))
-        if off.size:
-            r = int(off[0])
-            raise DataError(f"{pre}cross_entropy targets must be non-negative rows summing to "
-                            f"1 (tolerance 1e-3), found {off.size} rows that are not, first "
-                            f"row {r} with sum {sums[r]:g} and min {y[r].min():g}")
-
-
 # --------------------------------------------------------------------------- split, scaling
 
-def _subset(ds: Dataset, idx: np.ndarray, part: str) -> Dataset:
-    return Dataset(ds.x[idx], ds.y[idx], f"{ds.source} [{part}]")
+def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Row indices (int64, increasing) of the training and validation parts of ``n`` rows.
 
-
-def split_validation(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
-    """Split ``ds`` into (train, validation); ``fraction`` 0 gives ``(ds, None)``.
-
-    The validation part gets ``round(fraction * n)`` rows (half rounds up), at least 1, and
-    train keeps at least 1. Rows are chosen by ``default_rng(seed)`` and keep their original
-    order within each part, so the result depends only on ``seed``. Both parts are copies.
+    ``fraction`` 0 gives ``(arange(n), None)``. The validation part gets ``round(fraction * n)``
+    rows (half rounds up), at least 1, and train keeps at least 1. Rows are chosen by
+    ``default_rng(seed)``, so the split depends only on ``(n, fraction, seed)``.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"validation fraction must lie in [0, 1), got {fraction}")
     if fraction == 0:
-        return ds, None
-    n = ds.n_samples
+        return np.arange(n, dtype=np.int64), None
     if n < 2:
-        raise DataError(f"{ds.source}: a validation split needs at least 2 rows, found {n}")
+        raise DataError(f"a validation split needs at least 2 rows, found {n}")
     n_val = min(max(math.floor(fraction * n + 0.5), 1), n - 1)
     chosen = np.zeros(n, dtype=bool)
     chosen[np.random.default_rng(seed).permutation(n)[:n_val]] = True
-    # Boolean masks keep the original row order in both parts.
-    return _subset(ds, ~chosen, "train split"), _subset(ds, chosen, "validation split")
+    return np.flatnonzero(~chosen), np.flatnonzero(chosen)
+
+
+def _subset(ds: Dataset, idx: np.ndarray, part: str) -> Dataset:
+    return Dataset(ds.x[idx], ds.y[idx], f"{ds.source} [{part}]", None, ds.label_name)
+
+
+def split_validation(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Split ``ds`` into (train, validation) by :func:`split_rows`; ``fraction`` 0 gives ``(ds, None)``.
+
+    Rows keep their original order within each part. Both parts are copies.
+    """
+    if fraction == 0:
+        split_rows(ds.n_samples, fraction, seed)  # the same checks
+        return ds, None
+    try:
+        train, val = split_rows(ds.n_samples, fraction, seed)
+    except DataError as exc:
+        raise DataError(f"{ds.source}: {exc}") from None
+    return _subset(ds, train, "train split"), _subset(ds, val, "validation split")
+
+
+def _block_rows(width: int) -> int:
+    """Rows of a ``width``-wide float64 block of about a MiB (the normaliser's working unit)."""
+    return max(1, (1 << 17) // max(width, 1))
 
 
 class Normalizer:
-    """Per-feature affine scaling ``(x - shift) * scale``.
+    """Per-feature affine scaling ``(x - shift) * scale``, computed in float64.
 
     ``kind``: ``"none"``, ``"standard"`` (mean 0, std 1) or ``"minmax"`` (range [0, 1]).
-    ``shift``, ``scale``: ``(d,)`` arrays, required unless kind is ``"none"``.
+    ``shift``, ``scale``: ``(d,)`` arrays (float64 when fitted here), required unless kind is ``"none"``.
     """
 
     def __init__(self, kind: str, shift: np.ndarray | None = None,
@@ -767,60 +908,81 @@ class Normalizer:
         self.kind, self.shift, self.scale = kind, shift, scale
 
     @classmethod
-    def fit(cls, kind: str, x: np.ndarray, block: int = 8192) -> Normalizer:
-        """Fit on ``x`` ``(n, d)``; statistics in float64, stored in ``x.dtype``.
+    def fit(cls, kind: str, x: np.ndarray, rows: np.ndarray | None = None) -> Normalizer:
+        """Fit on ``x[rows]`` (``x`` ``(n, d)`` of any real dtype; ``rows`` None: every row).
 
-        Columns that are constant up to ``x.dtype`` rounding get scale 1, so they map to 0
-        instead of dividing by zero. Works in row blocks of ``block`` so float32 input never
-        needs a float64 copy of the whole array.
+        Statistics are computed in float64 from the values as given (no cast to a model dtype
+        first, which would lose the digits a large offset leaves) and stored in float64.
+        Columns that are constant up to the rounding of ``x``'s dtype get scale 1, so they map to
+        0 instead of dividing by zero. Works in row blocks of about a MiB, so no float64 copy of
+        the whole array is made.
         """
         if kind not in NORMALIZERS:
             raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {kind!r}")
         if kind == "none":
             return cls("none")
-        if not np.issubdtype(x.dtype, np.floating) or x.ndim != 2:
-            raise ValueError(f"normalizer expects float (n, d) x, got {x.dtype} {x.shape}")
-        n = x.shape[0]
+        if x.dtype.kind not in "biuf" or x.ndim != 2:
+            raise ValueError(f"normalizer expects real (n, d) x, got {x.dtype} {x.shape}")
+        n = x.shape[0] if rows is None else len(rows)
         if n == 0:
             raise DataError("cannot fit a normalizer on 0 rows")
-        lo = x.min(axis=0).astype(np.float64)
-        hi = x.max(axis=0).astype(np.float64)
+        block = _block_rows(x.shape[1])
+
+        def blocks():
+            for i in range(0, n, block):
+                part = x[i:i + block] if rows is None else x[rows[i:i + block]]
+                yield part.astype(np.float64, copy=False)
+
+        lo = np.minimum.reduce([b.min(axis=0) for b in blocks()])
+        hi = np.maximum.reduce([b.max(axis=0) for b in blocks()])
         if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
             raise DataError("cannot fit a normalizer: x contains NaN or Inf")
         if kind == "minmax":
             shift, spread = lo, hi - lo
         else:
-            shift = sum(x[i:i + block].sum(axis=0, dtype=np.float64)
-                        for i in range(0, n, block)) / n
-            var = sum(((x[i:i + block] - shift) ** 2).sum(axis=0)
-                      for i in range(0, n, block)) / n
+            shift = sum(b.sum(axis=0) for b in blocks()) / n
+            var = sum(np.square(b - shift).sum(axis=0) for b in blocks()) / n
             spread = np.sqrt(var)
         # Variation at the level of x's own rounding is noise, not signal.
-        tol = np.finfo(x.dtype).eps * np.maximum(np.abs(lo), np.abs(hi))
-        const = ~(spread > tol)
+        eps = np.finfo(x.dtype if x.dtype.kind == "f" else np.float64).eps
+        const = ~(spread > eps * np.maximum(np.abs(lo), np.abs(hi)))
         scale = np.where(const, 1.0, 1.0 / np.where(const, 1.0, spread))
-        return cls(kind, shift.astype(x.dtype), scale.astype(x.dtype))
+        return cls(kind, shift, scale)
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """Return a new array ``(x - shift) * scale`` with ``x``'s float dtype and shape."""
+    def apply(self, x: np.ndarray, dtype=None, rows: np.ndarray | None = None) -> np.ndarray:
+        """A new array ``(x[rows] - shift) * scale``, computed in float64 and stored as ``dtype``.
+
+        ``dtype`` None: ``x``'s float dtype (float64 for integer x). ``rows`` None: every row.
+        Works in row blocks, so the largest temporary is one float64 block of about a MiB.
+        """
         x = np.asarray(x)
-        if not np.issubdtype(x.dtype, np.floating):
-            raise ValueError(f"normalizer expects float32/float64 x, got {x.dtype}")
+        if x.dtype.kind not in "biuf":
+            raise ValueError(f"normalizer expects real x, got {x.dtype}")
+        dt = np.dtype(dtype) if dtype is not None else (x.dtype if x.dtype.kind == "f" else np.dtype(np.float64))
         if self.kind == "none":
-            return x.copy()
+            return np.array(x if rows is None else x[rows], dtype=dt)
         if x.shape[-1] != self.shift.shape[0]:
             raise DataError(f"normalizer was fitted on {self.shift.shape[0]} features, "
                             f"data has {x.shape[-1]}")
-        # Cast the stats, not x: float64 stats would promote float32 x to float64.
-        out = np.subtract(x, self.shift.astype(x.dtype, copy=False))
-        out *= self.scale.astype(x.dtype, copy=False)
+        if x.ndim != 2:
+            return ((x.astype(np.float64) - self.shift) * self.scale).astype(dt)
+        n = x.shape[0] if rows is None else len(rows)
+        out = np.empty((n, x.shape[1]), dt)
+        shift, scale = self.shift.astype(np.float64), self.scale.astype(np.float64)
+        block = _block_rows(x.shape[1])
+        for i in range(0, n, block):
+            part = x[i:i + block] if rows is None else x[rows[i:i + block]]
+            part = part.astype(np.float64)  # a copy, even of float64 x: worked on in place below
+            part -= shift
+            part *= scale
+            out[i:i + block] = part
         return out
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """``{"norm_shift", "norm_scale"}`` copies for a model file; empty for ``"none"``."""
+        """``{"norm_shift", "norm_scale"}`` float64 copies for a model file; empty for ``"none"``."""
         if self.kind == "none":
             return {}
-        return {"norm_shift": self.shift.copy(), "norm_scale": self.scale.copy()}
+        return {"norm_shift": self.shift.astype(np.float64), "norm_scale": self.scale.astype(np.float64)}
 
     @classmethod
     def from_arrays(cls, kind: str, arrays) -> Normalizer:

@@ -211,19 +211,22 @@ def model_bytes(sizes: list[int], itemsize: int, state_vectors: int, rows: int, 
     return max(drawing, vectors + activations) * ranks + window
 
 
-def check_model(cfg) -> None:
+def check_model(cfg, sizes: list[int] | None = None) -> None:
     """Raise ConfigError (model.layers) if training ``cfg``'s model cannot fit in the memory available.
 
-    Call before building the model, on every rank (the answer depends on this node).
-    Uses ``model_bytes`` with the rows of one rank's shard of the global batch (an
-    upper bound when the data set is smaller than the batch) and the ranks the
-    launcher started on this node.
+    ``sizes``: the layer sizes (default: ``model.layers``; when that is empty, the widths come
+    from the data and nothing is checked before it is loaded). Call before building the model,
+    on every rank (the answer depends on this node). Uses ``model_bytes`` with the rows of one
+    rank's shard of the global batch (an upper bound when the data set is smaller than the batch)
+    and the ranks the launcher started on this node.
     """
     from dpbp.comm import launcher_local_size
     from dpbp.optim import make_optimizer
 
     m, t = cfg.model, cfg.train
-    sizes = [int(s) for s in m.layers]
+    sizes = [int(s) for s in (sizes if sizes is not None else m.layers)]
+    if not sizes:
+        return
     itemsize = 8 if m.dtype == "float64" else 4
     ranks = launcher_local_size()
     states = len(make_optimizer(t.optimizer, 0, m.dtype).state_names)

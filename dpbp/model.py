@@ -79,7 +79,9 @@ class MLP:
         activation: hidden activation (``ops.HIDDEN_ACTIVATIONS``).
         output: output activation (``ops.OUTPUT_ACTIVATIONS``).
         loss: ``mse``, ``cross_entropy`` (softmax output) or ``binary_cross_entropy``
-            (sigmoid output). Losses are per sample, averaged over the batch.
+            (sigmoid output). Losses are per sample, averaged over the batch; ``mse`` is
+            ``1/2 sum_j (a_j - y_j)^2`` per sample (the classic backprop convention).
+            The pair sets ``task`` (``ops.task_of``): classification, regression or binary.
         init: ``auto`` (He for relu/leaky_relu layers, Xavier/Glorot uniform otherwise),
             ``he``, ``xavier`` or ``normal`` (N(0, 0.1^2)). Biases start at zero.
         dtype: ``float32`` (default) or ``float64``; every buffer has this dtype.
@@ -106,7 +108,7 @@ class MLP:
             raise ValueError(
                 f"unknown activation {activation!r}; expected one of {', '.join(ops.HIDDEN_ACTIVATIONS)}"
             )
-        ops.check_pairing(output, loss)
+        self.task = ops.task_of(output=output, loss=loss)  # also checks the pairing
         if output == "softmax" and self.sizes[-1] < 2:
             raise ValueError("a softmax output needs at least 2 units; use a sigmoid output for one unit")
         if init not in INITS:
@@ -271,7 +273,7 @@ class MLP:
         target, labels = self._targets(y, ws)
         last = self.n_layers - 1
         # Count before the loss: cross-entropy reuses row buffers.
-        correct = ops.count_correct(ws.out, target, labels)
+        correct = ops.count_correct(ws.out, target, labels, self.task)
         loss = ops.loss_sum_and_delta(
             self.loss, self.output, ws.z[last], ws.out, target, labels,
             ws.out_delta, ws.out_scratch, ws.row_max, ws.row_sum,
@@ -359,8 +361,14 @@ class MLP:
             result[start : start + rows.shape[0]] = self._forward(rows, self._workspace(rows.shape[0]))
         return result
 
-    def evaluate_sum(self, X: np.ndarray, y: np.ndarray, *, check: bool = True) -> BatchStats:
-        """Loss sum, correct count and row count over X (forward only, chunked)."""
+    def evaluate_sum(self, X: np.ndarray, y: np.ndarray, *, check: bool = True,
+                     on_outputs: Callable[[int, np.ndarray], None] | None = None) -> BatchStats:
+        """Loss sum, correct count and row count over X (forward only, in chunks of ``EVAL_CHUNK`` rows).
+
+        ``on_outputs(start, a)``, when given, sees each chunk's output activations ``a``
+        ``(rows, n_out)`` (a workspace buffer: read it, do not keep it) for rows ``start:start + rows``,
+        so a caller can gather more metrics from the same forward pass.
+        """
         y = np.asarray(y)
         if check:
             X = self._as_input(X)
@@ -370,6 +378,8 @@ class MLP:
             rows = X[start : start + EVAL_CHUNK]
             ws = self._workspace(rows.shape[0])
             self._forward(rows, ws)
+            if on_outputs is not None:
+                on_outputs(start, ws.out)
             batch_loss, batch_correct = self._loss_and_delta(y[start : start + rows.shape[0]], ws)
             loss += batch_loss
             correct += batch_correct

@@ -21,6 +21,9 @@ LOSS_OUTPUTS = {
     "cross_entropy": ("softmax",),
     "binary_cross_entropy": ("sigmoid",),
 }
+# What a model's outputs mean follows its loss and output layer, never the values of the data:
+# classification takes class labels, regression any numeric targets, binary targets in [0, 1].
+TASKS = ("classification", "regression", "binary")
 LEAKY_SLOPE = 0.01
 RELU_FAMILY = ("relu", "leaky_relu")
 
@@ -34,6 +37,19 @@ def check_pairing(output: str, loss: str) -> None:
     if output not in LOSS_OUTPUTS[loss]:
         allowed = " or ".join(LOSS_OUTPUTS[loss])
         raise ValueError(f"loss {loss!r} needs a {allowed} output layer, not {output!r}")
+
+
+def task_of(loss: str, output: str) -> str:
+    """The task a (loss, output) pair trains for (one of ``TASKS``).
+
+    ``cross_entropy``, and ``mse`` over a softmax (the textbook MSE classifier): classification;
+    ``binary_cross_entropy``: binary (one 0/1 or soft target per output); ``mse`` over an identity
+    or sigmoid output: regression. Raises ValueError for an unknown or mismatched pair.
+    """
+    check_pairing(output, loss)
+    if loss == "cross_entropy" or output == "softmax":
+        return "classification"
+    return "binary" if loss == "binary_cross_entropy" else "regression"
 
 
 # ----------------------------------------------------------------------------- activations
@@ -180,7 +196,9 @@ def loss_sum_and_delta(
         np.multiply(z, target, out=scratch)
         return total - float(np.sum(scratch))
     if loss == "mse":
-        # 1/2 sum_j (a_j - y_j)^2 ; dL/da = a - y, then chain through the output activation.
+        # The classic backprop convention: L = 1/2 sum_j (a_j - y_j)^2 per sample, so dL/da = a - y.
+        # This is half the usual squared error summed over outputs; the reported metric "mse" is the
+        # plain mean of (a_j - y_j)^2 over every value (see dpbp.train.evaluate).
         np.subtract(a, target, out=delta)
         total = 0.5 * float(np.vdot(delta, delta))
         if output == "sigmoid":
@@ -195,9 +213,19 @@ def loss_sum_and_delta(
     raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
 
 
-def count_correct(a: np.ndarray, target: np.ndarray, labels: np.ndarray | None) -> int:
-    """Correct predictions in a batch: argmax match for several outputs, a > 0.5 vs y > 0.5 for one."""
-    if a.shape[1] == 1:
-        return int(np.count_nonzero((a[:, 0] > 0.5) == (target[:, 0] > 0.5)))
+def count_correct(a: np.ndarray, target: np.ndarray, labels: np.ndarray | None,
+                  task: str = "classification") -> int:
+    """Rows predicted correctly: ``a`` and ``target`` (batch, n_out), ``labels`` (batch,) int or None.
+
+    classification: argmax of ``a`` equals the label (or the argmax of the target row; with one
+    output, ``a > 0.5`` against ``y > 0.5``); binary: every output thresholded at 0.5 matches its
+    target thresholded at 0.5 (for several outputs, scikit-learn's subset accuracy); regression: 0
+    (accuracy means nothing there).
+    """
+    if task == "regression":
+        return 0
+    if task == "binary" or a.shape[1] == 1:
+        hits = (a > 0.5) == (target > 0.5)
+        return int(np.count_nonzero(hits.all(axis=1)))
     truth = labels if labels is not None else np.argmax(target, axis=1)
     return int(np.count_nonzero(np.argmax(a, axis=1) == truth))

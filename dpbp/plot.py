@@ -1,4 +1,4 @@
-"""Pictures of a run: loss, accuracy and per-layer gradient norms from ``metrics.jsonl``.
+"""Pictures of a run: loss, accuracy (or RMSE and R2) and per-layer gradient norms from ``metrics.jsonl``.
 
 matplotlib is an optional extra (``pip install 'dpbp[plot]'``); without it
 ``plot_run`` raises a DpbpError that says how to install it.
@@ -30,7 +30,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw train/val loss, accuracy and per-layer gradient norms; return the PNG path.
+    """Draw train/val loss, accuracy (a regression: RMSE and validation R2) and per-layer gradient norms.
+
+    Returns the PNG path.
 
     The default output is ``<run_dir>/training.png``.
     """
@@ -56,9 +58,19 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax_loss.plot(epochs, series("train_loss"), label="train", marker=".")
     ax_loss.plot(epochs, series("val_loss"), label="validation", marker=".")
     ax_loss.set(title="loss", xlabel="epoch", yscale="log")
-    ax_acc.plot(epochs, [100 * v for v in series("train_accuracy")], label="train", marker=".")
-    ax_acc.plot(epochs, [100 * v for v in series("val_accuracy")], label="validation", marker=".")
-    ax_acc.set(title="accuracy (%)", xlabel="epoch")
+    if any("train_rmse" in r or "val_rmse" in r for r in records):  # a regression: no accuracy
+        ax_acc.plot(epochs, series("train_rmse"), label="train", marker=".")
+        ax_acc.plot(epochs, series("val_rmse"), label="validation", marker=".")
+        ax_acc.set(title="RMSE (targets' own units)", xlabel="epoch", yscale="log")
+        if any(r.get("val_r2") is not None for r in records):
+            ax_r2 = ax_acc.twinx()
+            ax_r2.plot(epochs, series("val_r2"), label="validation R2", color="tab:green", linestyle="--")
+            ax_r2.set_ylabel("validation R2")
+            ax_r2.legend(fontsize="small", loc="center right")
+    else:
+        ax_acc.plot(epochs, [100 * v for v in series("train_accuracy")], label="train", marker=".")
+        ax_acc.plot(epochs, [100 * v for v in series("val_accuracy")], label="validation", marker=".")
+        ax_acc.set(title="accuracy (%)", xlabel="epoch")
     norms = [r.get("grad_norm") for r in records]
     n_layers = max((len(n) for n in norms if n), default=0)
     for layer in range(n_layers):

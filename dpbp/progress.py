@@ -105,12 +105,21 @@ class Progress:
             write_stdout("\r" + " " * 78 + "\r")
 
     def epoch_summary(self, r: dict) -> None:
+        """One line per epoch: loss and accuracy (classification) or RMSE, MAE and R2 (regression)."""
         if not self.enabled:
             return
         self.clear()
         val = ""
         if r.get("val_loss") is not None:
-            val = f" | val loss {r['val_loss']:.4f} acc {100 * r['val_accuracy']:.2f}%"
-        self.echo(f"epoch {r['epoch']}/{self.epochs}: train loss {r['train_loss']:.4f} "
-                  f"acc {100 * r['train_accuracy']:.2f}%{val} | {format_rate(r['samples_per_s'])} samples/s "
-                  f"{r['seconds']:.1f}s")
+            val = f" | val loss {r['val_loss']:.4f} {_scores(r, 'val')}"
+        self.echo(f"epoch {r['epoch']}/{self.epochs}: train loss {r['train_loss']:.4f} {_scores(r, 'train')}{val} | "
+                  f"{format_rate(r['samples_per_s'])} samples/s {r['seconds']:.1f}s")
+
+
+def _scores(r: dict, role: str) -> str:
+    """'acc 97.10%' or 'rmse 52.1 mae 41.7 R2 0.412' (what the record has of them) for ``role``."""
+    if f"{role}_accuracy" in r:
+        return f"acc {100 * r[f'{role}_accuracy']:.2f}%"
+    shown = (("rmse", "rmse", ".4g"), ("mae", "mae", ".4g"), ("r2", "R2", ".3f"))
+    parts = [f"{name} {r[f'{role}_{key}']:{spec}}" for key, name, spec in shown if r.get(f"{role}_{key}") is not None]
+    return " ".join(parts)

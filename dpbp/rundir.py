@@ -43,6 +43,7 @@ LOCK_FILE = "run.lock"
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.npz"
+FINAL_METRICS_FILE = "final_metrics.json"  # the final validation and test reports, written with model.npz
 ABANDONED_DIR = "abandoned"
 PLOT_FILE = "training.png"  # dpbp plot's default output
 RUN_FORMAT = "dpbp-run"
@@ -51,11 +52,11 @@ RUN_FORMAT_VERSION = 1
 RUNS_ROOT = Path("runs")
 NUMBERED = re.compile(r"run-(\d+)")
 # The files dpbp writes at the top of a run directory; a symlink at any of these names is refused.
-OUTPUT_FILES = (RUN_RECORD, LOCK_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, PLOT_FILE)
+OUTPUT_FILES = (RUN_RECORD, LOCK_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, FINAL_METRICS_FILE, PLOT_FILE)
 # Temporary names of interrupted atomic writes (checkpoint.atomic_replace): "." + the file's name +
 # "." + mkstemp's random part + ".tmp", for the files dpbp writes in a run directory.
-TEMP_FILE = re.compile(r"\.(step-\d+\.npz|best\.npz|model\.npz|config\.toml|metrics\.jsonl|run\.json)"
-                       r"\.[A-Za-z0-9_]+\.tmp")
+TEMP_FILE = re.compile(r"\.(step-\d+\.npz|best\.npz|model\.npz|config\.toml|metrics\.jsonl|run\.json|"
+                       r"final_metrics\.json)\.[A-Za-z0-9_]+\.tmp")
 
 
 class RunDirError(DpbpError):
@@ -73,6 +74,14 @@ def now_text() -> str:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically (``checkpoint.atomic_replace``; never through a link)."""
     ckpt.atomic_replace(path, lambda fh: fh.write(text.encode()))
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Write ``record`` as indented JSON to ``path`` atomically; SaveError (one line) on any OSError."""
+    try:
+        write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+    except OSError as exc:
+        raise SaveError(f"could not write {path}: {exc.strerror or exc}") from None
 
 
 def read_json(path: Path) -> dict:
@@ -343,7 +352,8 @@ def remove_temp_files(folder: Path) -> int:
 def remove_outputs(folder: Path) -> list[str]:
     """Delete every output of a previous run in ``folder`` (for --overwrite); return the names removed."""
     removed = []
-    for name in (RUN_RECORD, CONFIG_FILE, METRICS_FILE, MODEL_FILE, PLOT_FILE, CHECKPOINT_DIR, ABANDONED_DIR):
+    for name in (RUN_RECORD, CONFIG_FILE, METRICS_FILE, MODEL_FILE, FINAL_METRICS_FILE, PLOT_FILE, CHECKPOINT_DIR,
+                 ABANDONED_DIR):
         path = folder / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -500,6 +510,8 @@ def _branch(run: RunDirectory, resume: Resume, strays: list[tuple[Path, str]]) -
     future = [e for e in run.entries if e.seq > point]
     model = run.path / MODEL_FILE
     moves = [model] if model.is_file() and _model_seq(model) > point else []
+    if moves and (run.path / FINAL_METRICS_FILE).is_file():  # the reports of that model
+        moves.append(run.path / FINAL_METRICS_FILE)
     if not (future or moves):  # continuing the head of the lineage: no branch
         if strays:
             _set_aside(run, "not-this-run", strays, [])

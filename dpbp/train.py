@@ -35,15 +35,17 @@ import numpy as np
 from dpbp import checkpoint as ckpt
 from dpbp import config as config_mod
 from dpbp import data as data_mod
-from dpbp import memory
+from dpbp import memory, ops
+from dpbp import metrics as metrics_mod
 from dpbp import rundir as rundir_mod
 from dpbp.checkpoint import save_model
 from dpbp.config import Config
-from dpbp.errors import CheckpointError, ConfigError, DpbpError, SaveError
+from dpbp.errors import CheckpointError, ConfigError, DataError, DpbpError, SaveError
 from dpbp.model import MLP
 from dpbp.optim import CHUNK_ELEMENTS, LRSchedule, NonFiniteGradient, Optimizer, all_finite, make_optimizer
 from dpbp.progress import Progress
 from dpbp.signals import PREEMPTED_EXIT_CODE
+from dpbp.targets import Targets
 from dpbp.threads import configure_blas_threads
 
 
@@ -116,12 +118,12 @@ def check_in_sync(comm, params: np.ndarray, when: str) -> None:
         )
 
 
-def dataset_digest(ds: data_mod.Dataset | None) -> dict | None:
-    """Shape and sha256 (32 hex digits) of a data set's arrays as loaded; None for no data set."""
+def dataset_digest(ds: data_mod.Dataset | None, *extra: np.ndarray) -> dict | None:
+    """Shape and sha256 (32 hex digits) of a data set's arrays (and of ``extra`` arrays); None for no data set."""
     if ds is None:
         return None
     h = hashlib.sha256()
-    for a in (ds.x, ds.y):
+    for a in (ds.x, ds.y, *extra):
         h.update(memoryview(np.ascontiguousarray(a)).cast("B"))  # the bytes themselves: no copy
     return {"rows": ds.n_samples, "shape": [list(ds.x.shape), list(ds.y.shape)], "sha256": h.hexdigest()[:32]}
 
@@ -135,8 +137,12 @@ def check_data_agrees(comm, data: PreparedData | dict[str, data_mod.Dataset | No
     prepared training data, or ``{role: data set}`` (e.g. what ``dpbp evaluate`` reads).
     """
     if isinstance(data, PreparedData):
-        data = {"train": data.train, "validation": data.val, "test": data.test}
-    mine = {role: dataset_digest(ds) for role, ds in data.items()}
+        # The statistics fitted on the training data go into its digest: normalising hides an offset of the raw data.
+        fitted = [*data.normalizer.to_arrays().values(), *data.targets.to_arrays().values()]
+        roles = {"train": (data.train, fitted), "validation": (data.val, ()), "test": (data.test, ())}
+    else:
+        roles = {role: (ds, ()) for role, ds in data.items()}
+    mine = {role: dataset_digest(ds, *extra) for role, (ds, extra) in roles.items()}
     everyone = comm.allgather_obj(mine)
     for role, ref in everyone[0].items():
         differ = [r for r, d in enumerate(everyone) if d[role] != ref]
@@ -180,60 +186,135 @@ def in_phase(name: str):
 
 @dataclass
 class PreparedData:
-    """Normalised data sets (every rank holds the same full arrays) and the input map."""
+    """Data sets ready for the model (every rank holds the same full arrays), the input map and the targets.
+
+    ``train``, ``val``, ``test``: normalised x in the model dtype, y encoded by ``targets`` (see
+    dpbp.targets). ``sizes``: the model's layer sizes (``model.layers``, or ``model.hidden`` between
+    the data's widths). ``notes``: warnings about the data, for rank 0 to print once.
+    """
 
     train: data_mod.Dataset
     val: data_mod.Dataset | None
     test: data_mod.Dataset | None
     normalizer: data_mod.Normalizer
+    targets: Targets
+    sizes: list[int]
+    notes: list[str] = field(default_factory=list)
+
+
+def target_normalizer(cfg: Config) -> str:
+    """``data.normalize_targets`` resolved: ``auto`` is ``standard`` for a regression with an identity output."""
+    kind = cfg.data.normalize_targets
+    if kind == "auto":
+        return "standard" if (cfg.model.loss, cfg.model.output) == ("mse", "identity") else "none"
+    return kind
 
 
 def prepare_data(cfg: Config) -> PreparedData:
-    """Load, validate, split and normalise the configured data sets.
+    """Load, check, split, encode and normalise the configured data sets.
 
-    Deterministic given the config, so every rank builds identical arrays.
-    Raises DataError / ConfigError with messages that name the source or key.
+    The labels' meaning is recorded from the training data (``Targets.fit``: classes from every
+    row of ``data.train``, target scaling from the training split); later data is encoded by that
+    record. Features are normalised in float64 from the values as loaded and only then cast to
+    ``model.dtype``. Deterministic given the config, so every rank builds identical arrays.
+    Raises DataError / ConfigError with messages that name the source (and line) or key.
     """
     m, d, t = cfg.model, cfg.data, cfg.train
-    load = lambda source: data_mod.load_source(  # noqa: E731
-        source, dtype=m.dtype, label_column=d.label_column, seed=t.seed
-    )
-    n_in, n_out = m.layers[0], m.layers[-1]
-    train = load(d.train)
-    _check_layers_fit(cfg, train)
-    data_mod.validate(train, n_in=n_in, n_out=n_out, loss=m.loss, role="train")  # before the split: file rows
-    if d.val:
-        val = load(d.val)
-        data_mod.validate(val, n_in=n_in, n_out=n_out, loss=m.loss, role="validation")
-    else:
-        train, val = data_mod.split_validation(train, d.val_fraction, t.seed)
-    test = load(d.test) if d.test else None
-    if test is not None:
-        data_mod.validate(test, n_in=n_in, n_out=n_out, loss=m.loss, role="test")
-    normalizer = data_mod.Normalizer.fit(d.normalize, train.x)
-    for ds in (train, val, test):
+    task = ops.task_of(m.loss, m.output)
+    dtype = np.dtype(m.dtype)
+
+    def load(source: str, role: str) -> data_mod.Dataset:
+        ds = data_mod.load_source(source, dtype=None, label_column=d.label_column, header=d.header,
+                                  text_labels=task == "classification", seed=t.seed)
+        data_mod.check_features(ds, role)
+        return ds
+
+    raw = load(d.train, "train")
+    rows, val_rows = data_mod.split_rows(raw.n_samples, 0.0 if d.val else d.val_fraction, t.seed)
+    pre = f"train data ({raw.source}): "
+    targets = Targets.fit(task, raw.y, normalize=target_normalizer(cfg), rows=rows, where=raw.where, pre=pre,
+                          label_column=d.label_column, label_name=raw.label_name)
+    if task == "classification" and targets.outputs < 2:
+        raise DataError(f"{pre}the labels hold a single class ({targets.describe_classes()}): a classifier needs "
+                        "at least 2; check data.train and data.label_column")
+    sizes = model_sizes(cfg, raw.n_features, targets.outputs, raw.source)
+    y_all = targets.encode(raw.y, dtype=dtype, where=raw.where, pre=pre)
+    split = val_rows is not None
+    normalizer = data_mod.Normalizer.fit(d.normalize, raw.x, rows if split else None)
+
+    def part(ds, y, idx, name):
+        source = f"{ds.source} [{name}]" if idx is not None else ds.source
+        return data_mod.Dataset(normalizer.apply(ds.x, dtype, idx), y if idx is None else y[idx], source,
+                                ds.where if idx is None else None, ds.label_name)
+
+    train = part(raw, y_all, rows if split else None, "train split")
+    val = part(raw, y_all, val_rows, "validation split") if split else None
+    del raw, y_all
+    loaded = {}
+    for role, source in (("validation", d.val), ("test", d.test)):
+        if source:
+            other = load(source, role)
+            y = targets.encode(other.y, dtype=dtype, where=other.where, pre=f"{role} data ({other.source}): ")
+            loaded[role] = part(other, y, None, "")
+    val = loaded.get("validation", val)
+    test = loaded.get("test")
+    for role, ds in (("train", train), ("validation", val), ("test", test)):
         if ds is not None:
-            ds.x = normalizer.apply(ds.x)
-    return PreparedData(train, val, test, normalizer)
+            data_mod.validate(ds, n_in=sizes[0], n_out=sizes[-1], role=role)
+    notes = _data_notes(targets, train, split)
+    if task == "regression" and m.output == "sigmoid" and (train.y.min() < 0 or train.y.max() > 1):
+        notes.append(f"warning: a sigmoid output predicts values in (0, 1), but the training targets span "
+                     f"[{train.y.min():g}, {train.y.max():g}]: set model.output = \"identity\"")
+    return PreparedData(train, val, test, normalizer, targets, sizes, notes)
 
 
-def _check_layers_fit(cfg: Config, train: data_mod.Dataset) -> None:
-    """Raise ConfigError on model.layers unless its ends match the data's features and outputs."""
-    layers = list(cfg.model.layers)
-    n_in = train.n_features
-    if train.y.ndim == 2:
-        n_out, kind = train.y.shape[1], "target columns"
-        fits = layers[-1] == n_out
-    else:
-        n_out, kind = int(train.y.max()) + 1, "classes"
-        fits = layers[-1] >= n_out or (layers[-1] == 1 and n_out <= 2)  # one unit for 0/1 labels
-    if layers[0] != n_in or not fits:
-        fix = [n_in, *layers[1:-1], n_out]
+def _data_notes(targets: Targets, train: data_mod.Dataset, split: bool) -> list[str]:
+    """Warnings about training data a model cannot learn much from (printed once, by rank 0)."""
+    notes = []
+    y = train.y
+    if targets.task == "classification" and y.ndim == 1 and split:
+        counts = np.bincount(y, minlength=targets.outputs)
+        missing = [targets.decode([i])[0] for i in np.flatnonzero(counts == 0)]
+        if missing:
+            shown = ", ".join(repr(c) for c in missing[:10]) + (", ..." if len(missing) > 10 else "")
+            notes.append(f"warning: class{'es' if len(missing) > 1 else ''} {shown} of data.train "
+                         f"{'have' if len(missing) > 1 else 'has'} no rows in the training split (data.val_fraction "
+                         "put them all in validation): the model cannot learn to predict "
+                         f"{'them' if len(missing) > 1 else 'it'}")
+        if np.count_nonzero(counts) == 1:
+            notes.append("warning: the training split holds a single class: the model will learn to predict it "
+                         "for every input")
+    elif targets.task == "binary":
+        hard = y > 0.5
+        one_sided = [j for j in range(y.shape[1]) if hard[:, j].all() or not hard[:, j].any()]
+        if one_sided:
+            notes.append(f"warning: the binary targets of output{'s' if len(one_sided) > 1 else ''} "
+                         f"{', '.join(map(str, one_sided))} hold a single class in the training data: the model "
+                         "will learn to predict it for every input")
+    elif targets.task == "regression" and y.shape[0] > 1 and bool(np.all(y == y[0])):
+        notes.append("warning: the training targets are constant: the model will learn to predict that value "
+                     "(R^2 means nothing here)")
+    return notes
+
+
+def model_sizes(cfg: Config, n_features: int, n_outputs: int, source: str = "") -> list[int]:
+    """The model's layer sizes: ``model.layers`` checked against the data, or ``model.hidden`` between its widths.
+
+    Raises ConfigError on model.layers when its ends do not match ``n_features`` and ``n_outputs``.
+    """
+    m = cfg.model
+    if not m.layers:
+        return [n_features, *m.hidden, n_outputs]
+    layers = list(m.layers)
+    if layers[0] != n_features or layers[-1] != n_outputs:
+        fix = [n_features, *layers[1:-1], n_outputs]
         raise ConfigError(
             "model.layers",
-            f"{layers} does not fit the training data {train.source!r} ({n_in} features, {n_out} {kind}); "
-            f"for example --set 'model.layers={fix}'",
+            f"{layers} does not fit the training data {source!r} ({n_features} features, {n_outputs} outputs); "
+            f"for example --set 'model.layers={fix}', or give model.hidden = {layers[1:-1]} alone and the widths "
+            "follow the data",
         )
+    return layers
 
 
 def check_memory(cfg: Config) -> None:
@@ -250,11 +331,14 @@ def check_memory(cfg: Config) -> None:
     memory.check_model(cfg)
 
 
-def build_model(cfg: Config) -> MLP:
-    """The configured MLP with its initial weights; ConfigError (model.layers) if it cannot fit in memory."""
+def build_model(cfg: Config, sizes: list[int]) -> MLP:
+    """The configured MLP of ``sizes`` (see ``model_sizes``) with its initial weights.
+
+    Raises ConfigError (model.layers) if it cannot fit in memory.
+    """
     m = cfg.model
-    memory.check_model(cfg)  # before allocating: a MemoryError or the OOM killer tells the user nothing
-    return MLP(m.layers, activation=m.activation, output=m.output, loss=m.loss,
+    memory.check_model(cfg, sizes)  # before allocating: a MemoryError or the OOM killer tells the user nothing
+    return MLP(sizes, activation=m.activation, output=m.output, loss=m.loss,
                init=m.init, dtype=m.dtype, seed=cfg.train.seed)
 
 
@@ -281,19 +365,109 @@ def build_schedule(cfg: Config, steps_per_epoch: int) -> LRSchedule:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model: MLP, ds: data_mod.Dataset, comm) -> dict:
-    """Exact loss and accuracy over ``ds``: each rank takes one contiguous shard, sums are reduced.
+def evaluate(model: MLP, ds: data_mod.Dataset, comm, targets: Targets | None = None) -> dict:
+    """Exact metrics of ``model`` over prepared data ``ds``: each rank takes one contiguous shard, sums are reduced.
 
-    Every sample is counted exactly once across ranks (no padding, no duplicates).
+    Every sample is counted exactly once across ranks (no padding, no duplicates); the
+    reductions are float64. Returns ``task``, ``n`` and the mean ``loss`` (the training loss) and:
+
+    * classification and binary: ``accuracy``; with class ids or one output also the report of
+      ``dpbp.metrics.classification_report`` (per-class precision, recall, F1, support, averages,
+      confusion matrix) and ``classes`` (the original labels, from ``targets``);
+    * regression: ``mse``, ``rmse``, ``mae`` and ``r2`` in the targets' own units (``targets``
+      undoes their scaling); R^2 is taken about the global mean, found by a first reduction.
+
+    ``targets`` defaults to ``Targets.legacy`` (class ids are the labels, no scaling).
     Collective: call on every rank.
     """
+    task, k = model.task, model.sizes[-1]
+    targets = targets if targets is not None else Targets.legacy(task, k)
     lo, hi = data_mod.shard_bounds(ds.n_samples, comm.size, comm.rank)  # DP: my rows only
+    x, y = ds.x[lo:hi], ds.y[lo:hi]
     with comm.phase("evaluating"), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        stats = model.evaluate_sum(ds.x[lo:hi], ds.y[lo:hi], check=False)  # a diverged model: loss inf/nan
-        sums = np.array([stats.loss_sum, stats.n_correct, stats.n], np.float64)
-        comm.allreduce_(sums)  # DP: global sums and counts
+        if task == "regression":
+            report = _evaluate_regression(model, x, y, comm, targets)
+        else:
+            report = _evaluate_classes(model, x, y, comm, targets)
+    return {"task": task, **report}
+
+
+def _evaluate_classes(model: MLP, x: np.ndarray, y: np.ndarray, comm, targets: Targets) -> dict:
+    k = model.sizes[-1]
+    kinds = 2 if k == 1 else k  # one output: the classes 0 and 1 (output > 0.5)
+    report = model.task == "classification" or k == 1  # several binary outputs: accuracy only
+    conf = np.zeros(kinds * kinds)
+
+    def on_outputs(start: int, a: np.ndarray) -> None:
+        if not report:
+            return
+        rows = y[start : start + a.shape[0]]
+        if k == 1:
+            truth, pred = rows.reshape(-1) > 0.5, a[:, 0] > 0.5
+        else:
+            truth, pred = (rows if rows.ndim == 1 else np.argmax(rows, axis=1)), np.argmax(a, axis=1)
+        conf[...] += metrics_mod.confusion_counts(truth, pred, kinds)
+
+    stats = model.evaluate_sum(x, y, check=False, on_outputs=on_outputs)
+    sums = np.concatenate([[stats.loss_sum, stats.n_correct, stats.n], conf])
+    comm.allreduce_(sums)  # DP: global sums, counts and confusion matrix
     n = int(sums[2])
-    return {"loss": sums[0] / n if n else float("nan"), "accuracy": sums[1] / n if n else float("nan"), "n": n}
+    out = {"n": n, "loss": sums[0] / n if n else math.nan, "accuracy": sums[1] / n if n else math.nan}
+    if report:
+        out.update(metrics_mod.classification_report(sums[3:].reshape(kinds, kinds)))
+        if model.task == "classification":
+            out["classes"] = targets.decode(np.arange(k))
+        else:
+            out["classes"] = [0, 1]
+    return out
+
+
+def _evaluate_regression(model: MLP, x: np.ndarray, y: np.ndarray, comm, targets: Targets) -> dict:
+    k = model.sizes[-1]
+    first = np.concatenate([[x.shape[0]], y.sum(axis=0, dtype=np.float64)])
+    comm.allreduce_(first)  # DP: the global mean of the targets, for R^2 without cancellation
+    mean = first[1:] / max(first[0], 1.0)
+    sums = np.zeros(3 * k)  # squared errors, absolute errors, squared deviations of the targets; per column
+    sse, sae, sst = sums[:k], sums[k : 2 * k], sums[2 * k :]
+
+    def on_outputs(start: int, a: np.ndarray) -> None:
+        t = y[start : start + a.shape[0]].astype(np.float64)
+        e = a - t  # float64, as t is
+        sse[...] += np.einsum("ij,ij->j", e, e)
+        sae[...] += np.abs(e).sum(axis=0)
+        dev = t - mean
+        sst[...] += np.einsum("ij,ij->j", dev, dev)
+
+    stats = model.evaluate_sum(x, y, check=False, on_outputs=on_outputs)
+    total = np.concatenate([[stats.loss_sum, stats.n], sums])
+    comm.allreduce_(total)  # DP: global sums
+    n = int(total[1])
+    sse, sae, sst = total[2 : 2 + k], total[2 + k : 2 + 2 * k], total[2 + 2 * k :]
+    if targets.normalize == "standard":  # back to the targets' own units (R^2 does not change)
+        sse, sae, sst = sse / targets.scale**2, sae / targets.scale, sst / targets.scale**2
+    return {"n": n, "loss": total[0] / n if n else math.nan, **metrics_mod.regression_report(n, sse, sae, sst)}
+
+
+def train_metrics(task: str, loss_mean: float, targets: Targets) -> dict:
+    """The training metrics derived from the epoch's mean loss: for a regression, ``mse`` and ``rmse``.
+
+    Exact: the mse loss is half the squared error summed over outputs, so the plain MSE is
+    ``2 * loss / outputs`` (divided by the squared target scale when targets were scaled, which
+    needs a single column; several scaled columns give None).
+    """
+    if task != "regression":
+        return {}
+    k = targets.outputs
+    if targets.normalize == "standard":
+        if k > 1:
+            return {"mse": None, "rmse": None}
+        mse = 2.0 * loss_mean / float(targets.scale[0]) ** 2
+    else:
+        mse = 2.0 * loss_mean / k
+    return {"mse": mse, "rmse": math.sqrt(mse) if mse >= 0 else math.nan}
+
+
+REGRESSION_KEYS = ("mse", "rmse", "mae", "r2")  # per-epoch validation metrics of a regression
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -308,7 +482,8 @@ class Preempted(DpbpError):
 
 # Changing these between a checkpoint and its resume would change the data order or the model.
 FROZEN_ON_RESUME = ("model.", "data.train", "data.val", "data.val_fraction", "data.normalize",
-                    "data.label_column", "train.batch_size", "train.seed", "train.shuffle", "train.optimizer")
+                    "data.label_column", "data.header", "train.batch_size", "train.seed", "train.shuffle",
+                    "train.optimizer")
 
 
 @dataclass
@@ -351,6 +526,7 @@ class TrainResult:
     final: dict = field(default_factory=dict)
     stopped: str = "epochs"
     state: TrainState = field(default_factory=TrainState)
+    reports: dict = field(default_factory=dict)  # "val"/"test": the final evaluate() report of each
 
 
 def _use_sharding(cfg: Config, comm) -> bool:
@@ -503,7 +679,8 @@ class Trainer:
         self.stop_reason: Callable[[], str] = lambda: "a stop signal"
         self.data = data if data is not None else all_or_nothing(comm, lambda: prepare_data(cfg), "loading data")
         self._digests = check_data_agrees(comm, self.data)  # DP: before anything depends on the row counts
-        self.model = all_or_nothing(comm, lambda: build_model(cfg), "building the model")
+        self.model = all_or_nothing(comm, lambda: build_model(cfg, model_sizes(
+            cfg, self.data.train.n_features, self.data.targets.outputs, self.data.train.source)), "building the model")
         check_in_sync(comm, self.model.params, "at start-up")  # DP: same seed must mean same weights
         self.optimizer = build_optimizer(cfg, self.model)
         n = self.data.train.n_samples
@@ -884,23 +1061,25 @@ class Trainer:
                         f"continue with: dpbp train --resume auto (same options)")
 
     def _end_of_epoch(self, seconds: float, samples: int) -> dict:
-        st = self.state
-        record = {
-            "epoch": st.epoch + 1,
-            "step": st.global_step,
-            "train_loss": st.epoch_loss_sum / max(st.epoch_count, 1.0),
-            "train_accuracy": st.epoch_correct / max(st.epoch_count, 1.0),
-            "val_loss": None,
-            "val_accuracy": None,
+        st, task = self.state, self.model.task
+        train_loss = st.epoch_loss_sum / max(st.epoch_count, 1.0)
+        record = {"epoch": st.epoch + 1, "step": st.global_step, "train_loss": train_loss}
+        if task == "regression":
+            record.update({f"train_{k}": v for k, v in train_metrics(task, train_loss, self.data.targets).items()})
+            record.update({"val_loss": None, **{f"val_{k}": None for k in REGRESSION_KEYS}})
+        else:
+            record.update(train_accuracy=st.epoch_correct / max(st.epoch_count, 1.0), val_loss=None, val_accuracy=None)
+        record.update({
             "lr": self.schedule(max(st.global_step - 1, 0)),
             "samples_per_s": samples / seconds if seconds > 0 else None,
             "seconds": seconds,
             "grad_norm": [g / st.grad_norm_count for g in st.grad_norm_sums] if st.grad_norm_count else None,
             "weight_norm": [float(np.sqrt(np.vdot(W, W))) for W in self.model.weights],
-        }
+        })
         if self.data.val is not None:
-            val = evaluate(self.model, self.data.val, self.comm)
-            record["val_loss"], record["val_accuracy"] = val["loss"], val["accuracy"]
+            val = evaluate(self.model, self.data.val, self.comm, self.data.targets)
+            for key in ("loss", *(REGRESSION_KEYS if task == "regression" else ("accuracy",))):
+                record[f"val_{key}"] = val[key]
         self.history.append(record)
         if self.run_dir is not None:  # DP: a full disk on rank 0 ends every rank with one message
             all_or_nothing(self.comm, lambda: append_metrics(self.run_dir, record) if self.comm.is_root else None,
@@ -930,20 +1109,26 @@ class Trainer:
     def _finish(self, stopped: str, run_start: float) -> TrainResult:
         final: dict = {"epochs": self.state.epoch, "steps": self.state.global_step,
                        "seconds": time.perf_counter() - run_start}
+        reports = {}
         for role, ds in (("val", self.data.val), ("test", self.data.test)):
             if ds is not None:
-                metrics = evaluate(self.model, ds, self.comm)
-                final[f"{role}_loss"], final[f"{role}_accuracy"] = metrics["loss"], metrics["accuracy"]
+                reports[role] = evaluate(self.model, ds, self.comm, self.data.targets)
+                keys = REGRESSION_KEYS if self.model.task == "regression" else ("accuracy",)
+                final.update({f"{role}_{key}": reports[role][key] for key in ("loss", *keys)})
         if self.run_dir is not None and stopped != "interrupted":
             self._require_finite_params("before writing model.npz")
-            norm = self.data.normalizer
-            shift, scale = (norm.shift, norm.scale) if norm.kind != "none" else (None, None)
             # DP: the lineage entry of the state this model was made from (a branch moves it aside)
-            extra = {"normalize": norm.kind, "final": final, "run": self._model_lineage}
-            all_or_nothing(self.comm, lambda: save_model(
-                self.run_dir / rundir_mod.MODEL_FILE, self.model, shift, scale, extra=extra,
-            ) if self.comm.is_root else None, "saving the model")
-        return TrainResult(self.model, self.history, final, stopped, self.state)
+            extra = {"final": final, "run": self._model_lineage}
+            record = {"final": final, "run": self._model_lineage, "targets": self.data.targets.to_meta(), **reports}
+
+            def write() -> None:
+                if self.comm.is_root:
+                    save_model(self.run_dir / rundir_mod.MODEL_FILE, self.model, self.data.normalizer,
+                               self.data.targets, extra=extra)
+                    rundir_mod.write_json(self.run_dir / rundir_mod.FINAL_METRICS_FILE, record)
+
+            all_or_nothing(self.comm, write, "saving the model")
+        return TrainResult(self.model, self.history, final, stopped, self.state, reports)
 
     def _restore_best(self) -> None:
         """``checkpoint.restore_best``: put the best-validation parameters back before the final model is saved.
@@ -996,15 +1181,16 @@ class Trainer:
         """(arrays, metadata) describing the run at this step boundary: global state only.
 
         The parameters live in the normalised input space, so the normaliser goes with them
-        (``norm_shift``/``norm_scale`` in the model dtype, meta ``normalize``): any checkpoint
-        can then be evaluated or used as a model.
+        (``norm_shift``/``norm_scale`` in float64, meta ``normalize``), and so does what the
+        outputs mean (meta ``targets``, arrays ``target_shift``/``target_scale`` for scaled
+        regression targets): any checkpoint can then be evaluated or used as a model.
         """
         arrays = {"params": self.model.params}
         for name, value in self.optimizer.state_dict().items():
             arrays[f"optim_{name}"] = value
         norm = self.data.normalizer
-        for name, value in norm.to_arrays().items():
-            arrays[name] = value.astype(self.model.dtype)  # the dtype apply() used on the training data
+        arrays.update(norm.to_arrays())  # float64, as training applied it
+        arrays.update(self.data.targets.to_arrays())
         meta = {
             "config": config_mod.to_dict(self.cfg),
             "model": self.model.describe(),
@@ -1017,6 +1203,7 @@ class Trainer:
             "data_digest": self.data_digest,
             "validation_digest": (self._digests["validation"] or {}).get("sha256"),
             "normalize": norm.kind,
+            "targets": self.data.targets.to_meta(),
         }
         return arrays, meta
 
@@ -1176,8 +1363,16 @@ class Trainer:
         if frozen:
             raise CheckpointError(f"{path}: cannot resume with changed {', '.join(frozen)} "
                                   "(they define the model or the data order); start a new run directory instead")
+        recorded = meta.get("targets")
+        if recorded is not None and recorded != self.data.targets.to_meta():
+            raise CheckpointError(f"{path}: its labels ({Targets.from_meta(recorded, None).describe()}) differ from "
+                                  f"the training data's ({self.data.targets.describe()})")
         if meta.get("data_digest") != self.data_digest:
-            raise CheckpointError(f"{path}: the training data differs from the data this checkpoint was trained on")
+            older = ("; it was written by an earlier dpbp, which prepared the data differently (float32 models: "
+                     "normalised after the cast, not before), so resume it with that dpbp or start a new run"
+                     if meta.get("format_version", 0) < 3 else "")
+            raise CheckpointError(f"{path}: the training data differs from the data this checkpoint was trained on"
+                                  f"{older}")
         mine = (self._digests["validation"] or {}).get("sha256")
         if "validation_digest" in meta and meta["validation_digest"] != mine:  # early stopping and best.npz use it
             raise CheckpointError(f"{path}: the validation data differs from the data this run validated on")

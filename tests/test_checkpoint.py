@@ -68,14 +68,16 @@ def test_checkpoint_holds_everything_documented(saved_run):
     assert skipped == [] and path.name == ckpt.checkpoint_name(result.state.global_step)
     arrays, meta = ckpt.load_checkpoint(path)
     for key in ("format", "format_version", "dpbp_version", "config", "model", "state", "optimizer",
-                "schedule", "rng", "history", "world_size", "data_digest", "normalize", "run"):
+                "schedule", "rng", "history", "world_size", "data_digest", "normalize", "targets", "run"):
         assert key in meta, key
-    assert meta["format_version"] == ckpt.CHECKPOINT_VERSION == 2
+    assert meta["format_version"] == ckpt.CHECKPOINT_VERSION == 3
+    assert meta["targets"] == {"task": "classification", "outputs": 3, "classes": [0, 1, 2], "normalize": "none",
+                               "label_column": "last", "label_name": None}
     record = json.loads((run_dir / "run.json").read_text())
     assert meta["run"]["run_id"] == record["run_id"] and meta["run"]["seq"] < record["next_seq"]
     assert set(meta["state"]) >= {"epoch", "step_in_epoch", "global_step", "best_val_loss"}
     assert set(arrays) == {"params", "optim_m", "optim_v", "optim_t", "norm_shift", "norm_scale"}
-    fitted = prepare_data(cfg).normalizer  # the normaliser the run applied, in the model dtype
+    fitted = prepare_data(cfg).normalizer  # the normaliser the run applied, float64 whatever the model dtype
     assert meta["normalize"] == fitted.kind == "standard"
     np.testing.assert_array_equal(arrays["norm_shift"], fitted.shift)
     np.testing.assert_array_equal(arrays["norm_scale"], fitted.scale)
@@ -486,7 +488,7 @@ def test_any_checkpoint_is_a_model_taking_raw_inputs(saved_run, which):
         p for p in ckpt.periodic_checkpoints(folder) if int(p.stem[5:]) % 16][0]
     arrays, meta = ckpt.load_checkpoint(path)
     fitted = prepare_data(cfg).normalizer  # fitted again here, not read from the file
-    net, inputs = ckpt.load_network(path)
+    net, inputs, _ = ckpt.load_network(path)
     np.testing.assert_array_equal(net.params, arrays["params"])
     np.testing.assert_array_equal(inputs.shift, fitted.shift)
     np.testing.assert_array_equal(inputs.scale, fitted.scale)
@@ -496,3 +498,37 @@ def test_any_checkpoint_is_a_model_taking_raw_inputs(saved_run, which):
     np.testing.assert_allclose(ckpt.load_model(path).predict(x), expected, rtol=1e-12, atol=1e-15)
     with pytest.raises(CheckpointError, match="not a dpbp training checkpoint"):
         ckpt.load_checkpoint(run_dir / "model.npz")
+
+
+def test_model_file_holds_the_normaliser_and_the_targets_record(saved_run):
+    cfg, run_dir, result = saved_run
+    arrays, meta = ckpt.read_npz(run_dir / "model.npz", "model", lambda m: ckpt._model_layout(m, "model.npz"))
+    assert meta["format_version"] == ckpt.FORMAT_VERSION == 2 and meta["normalize"] == "standard"
+    assert set(arrays) == {"params", "norm_shift", "norm_scale"}
+    assert arrays["norm_shift"].dtype == np.float64
+    np.testing.assert_array_equal(arrays["params"], result.model.params)  # as trained: the map is beside it
+    assert meta["targets"]["classes"] == [0, 1, 2]
+
+
+def test_format_1_model_file_still_loads_with_class_ids_as_labels(saved_run, tmp_path):
+    """Model files of earlier dpbp: the normaliser folded into the first layer, no targets record."""
+    _, run_dir, _ = saved_run
+    folded = ckpt.load_model(run_dir / "model.npz")
+    old = tmp_path / "old.npz"
+    ckpt.atomic_write_npz(old, {"params": folded.params}, {"format": ckpt.MODEL_FORMAT, "format_version": 1,
+                                                            "model": folded.describe()})
+    model, inputs, targets = ckpt.load_network(old)
+    assert inputs.kind == "none" and (targets.task, targets.classes, targets.outputs) == ("classification", None, 3)
+    np.testing.assert_array_equal(model.params, folded.params)
+    np.testing.assert_array_equal(targets.encode(np.array([2, 0])), [2, 0])
+    with pytest.raises(DpbpError, match=r"class ids must be integers in \[0, 2\]"):
+        targets.encode(np.array([3]))
+
+
+def test_a_targets_record_that_does_not_fit_its_model_is_refused_unread(saved_run, tmp_path):
+    _, run_dir, _ = saved_run
+    arrays, meta = ckpt.read_npz(run_dir / "model.npz", "model", lambda m: ckpt._model_layout(m, "model.npz"))
+    meta["targets"]["outputs"], meta["targets"]["classes"] = 4, [0, 1, 2, 3]
+    ckpt.atomic_write_npz(tmp_path / "m.npz", arrays, meta)
+    with pytest.raises(CheckpointError, match=r"targets record \(classification, 4 outputs\) does not fit its model"):
+        ckpt.load_network(tmp_path / "m.npz")

@@ -415,7 +415,7 @@ def test_predict_csv(tmp_path, trained, features, input_kind):
     result = invoke("predict", "--model", trained, "--input", x_path, "--output", out)
     assert result.exit_code == 0, result.output
     lines = out.read_text().splitlines()
-    assert lines[0] == "prediction,output_0,output_1,output_2"
+    assert lines[0] == "prediction,prob_0,prob_1,prob_2"  # the class labels of the training data: 0, 1, 2
     assert len(lines) == 1 + len(x)
     table = np.loadtxt(out, delimiter=",", skiprows=1, ndmin=2)
     assert table.shape == (len(x), 4)
@@ -467,8 +467,8 @@ def test_evaluate_and_predict_accept_any_checkpoint(tmp_path, checkpointed, feat
     net, fitted = checkpoint_reference(checkpointed, path)
     result = invoke("evaluate", "--model", path, "--data", "spirals:n=300", "--json")
     assert result.exit_code == 0, result.output
-    ds = load_source("spirals:n=300", dtype="float32")
-    ds.x = fitted.apply(ds.x)
+    ds = load_source("spirals:n=300", dtype=None)
+    ds.x = fitted.apply(ds.x, np.float32)  # in float64 from the data as generated, then the model dtype
     expected = evaluate(net, ds, SerialComm())
     report = json.loads(result.stdout)
     assert (report["loss"], report["accuracy"], report["n"]) == (expected["loss"], expected["accuracy"], SMALL_ROWS)
@@ -477,7 +477,7 @@ def test_evaluate_and_predict_accept_any_checkpoint(tmp_path, checkpointed, feat
     result = invoke("predict", "--model", path, "--input", x_path, "--output", tmp_path / "p.npy")
     assert result.exit_code == 0, result.output
     got = np.load(tmp_path / "p.npy")
-    np.testing.assert_array_equal(got, net.predict(fitted.apply(x)))
+    np.testing.assert_array_equal(got, net.predict(fitted.apply(x, np.float32)))
     assert not np.allclose(got, net.predict(x), atol=1e-3)  # without the normaliser the numbers differ
 
 

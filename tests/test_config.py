@@ -41,7 +41,7 @@ def test_defaults_validate_and_match_spec():
     cfg = C.default_config()
     assert C.validate(cfg) == cfg
     assert C.load_config() == cfg
-    assert cfg.model.layers == [2, 128, 128, 5]
+    assert cfg.model.layers == [] and cfg.model.hidden == [128, 128]  # widths from the data
     assert cfg.train.lr == 0.01 and cfg.train.batch_size == 64
     assert cfg.checkpoint.every_epochs == 1 and cfg.run.dir == ""  # "": a new numbered run directory
     assert [s.name for s in dataclasses.fields(C.Config)] == [
@@ -66,8 +66,8 @@ def test_every_field_has_help_and_default():
 
 def test_default_lists_are_not_shared():
     a, b = C.default_config(), C.default_config()
-    a.model.layers.append(9)
-    assert b.model.layers == [2, 128, 128, 5]
+    a.model.hidden.append(9)
+    assert b.model.hidden == [128, 128]
 
 
 def test_config_is_frozen():
@@ -360,8 +360,8 @@ def test_to_dict_is_plain_and_detached():
     cfg = C.default_config()
     d = C.to_dict(cfg)
     assert json.loads(json.dumps(d)) == d
-    d["model"]["layers"].append(1)
-    assert cfg.model.layers == [2, 128, 128, 5]
+    d["model"]["hidden"].append(1)
+    assert cfg.model.hidden == [128, 128]
 
 
 def test_replace():
@@ -496,3 +496,17 @@ def test_heartbeat_timeout_is_off_or_at_least_a_second():
     assert C.load_config(None, ["train.heartbeat_timeout=1"]).train.heartbeat_timeout == 1.0
     exc = error(C.load_config, None, ["train.heartbeat_timeout=0.5"])
     assert exc.key == "train.heartbeat_timeout" and "0 (off) or at least 1 second, got 0.5" in str(exc)
+
+
+def test_data_header_takes_a_toml_boolean_and_model_shape_keys_override_by_precedence(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[data]\nheader = true\n[model]\nlayers = [4, 9, 3]\n")
+    cfg = C.load_config(str(path))
+    assert cfg.data.header == "true" and cfg.model.hidden == [9]  # hidden follows the given layers
+    assert C.load_config(str(path), ["data.header=false"]).data.header == "false"
+    assert error(C.load_config, None, ["data.header=maybe"]).key == "data.header"
+    later = C.load_config(str(path), ["model.hidden=[5]"])  # --set over the file's shape: the file's layers go
+    assert (later.model.layers, later.model.hidden) == ([], [5])
+    assert error(C.load_config, None, ["model.layers=[4,9,3]", "model.hidden=[5]"]).key == "model.hidden"
+    assert C.load_config(None, ["model.layers=[4,9,3]", "model.hidden=[9]"]).model.layers == [4, 9, 3]
+    assert error(C.load_config, None, ["data.normalize_targets=standard"]).key == "data.normalize_targets"

@@ -58,7 +58,7 @@ def test_xor_points_and_repeat():
     ds = load_source("xor")
     np.testing.assert_array_equal(ds.x, [[0, 0], [0, 1], [1, 0], [1, 1]])
     np.testing.assert_array_equal(ds.y, [[0], [1], [1], [0]])
-    assert ds.x.dtype == ds.y.dtype == np.float32
+    assert ds.x.dtype == np.float32 and ds.y.dtype == np.float64  # y as generated: its meaning is the task's
     big = load_source("xor:repeat=3", dtype="float64")
     assert big.x.shape == (12, 2) and big.y.shape == (12, 1) and big.x.dtype == np.float64
     np.testing.assert_array_equal(big.y[4:8], ds.y)
@@ -152,7 +152,7 @@ def test_npy_pair_round_trip_and_image_flattening(tmp_path):
     ds = load_source(f"{tmp_path / 'x.npy'}, {tmp_path / 'y.npy'}")
     assert ds.x.shape == (5, 6) and ds.x.dtype == np.float32
     np.testing.assert_allclose(ds.x, x.reshape(5, 6).astype(np.float32))
-    assert ds.y.shape == (5, 2) and ds.y.dtype == np.float32  # 2-D y: float targets
+    assert ds.y.shape == (5, 2) and ds.y.dtype == np.float64  # y as stored
 
 
 def test_npy_pair_with_foreign_file(tmp_path):
@@ -169,16 +169,20 @@ def test_npy_pair_row_mismatch(tmp_path):
         load_source(f"{tmp_path / 'x.npy'},{tmp_path / 'y.npy'}")
 
 
-@pytest.mark.parametrize("y, dtype, shape", [
-    (np.array([0.0, 1.0, 2.0, 1.0]), np.int64, (4,)),        # integer-valued floats: ids
-    (np.array([0.5, 1.0, 2.0, 1.0]), np.float32, (4, 1)),    # real values: targets
-    (np.array([True, False, True, True]), np.int64, (4,)),
+@pytest.mark.parametrize("y, dtype", [
+    (np.array([0.0, 1.0, 2.0, 1.0]), np.float64),  # y is kept as stored: what it means is the model's task
+    (np.array([0.5, 1.0, 2.0, 1.0], np.float32), np.float32),
+    (np.array([True, False, True, True]), np.int64),
+    (np.array([3, 1, 2, 1], np.uint8), np.int64),
+    (np.array(["b", "a", "c", "a"]), np.dtype("<U1")),
+    (np.array([b"b", b"a", b"c", b"a"]), np.dtype("<U1")),
 ])
-def test_label_rules(tmp_path, y, dtype, shape):
+def test_y_is_kept_as_stored(tmp_path, y, dtype):
     p = tmp_path / "d.npz"
     np.savez(p, x=np.ones((4, 2)), y=y)
     ds = load_source(str(p))
-    assert ds.y.dtype == dtype and ds.y.shape == shape
+    assert ds.y.dtype == dtype and ds.y.shape == (4,)
+    assert ds.y.tolist() == [v.decode() if isinstance(v, bytes) else v for v in y.tolist()]
 
 
 def test_missing_file_and_empty_set(tmp_path):
@@ -200,7 +204,7 @@ def test_csv_without_header(tmp_path):
     p.write_text("1,2,0\n3,4,1\n\n5,6,1\n")
     ds = load_source(str(p), dtype="float64")
     np.testing.assert_array_equal(ds.x, [[1, 2], [3, 4], [5, 6]])
-    assert ds.y.tolist() == [0, 1, 1] and ds.y.dtype == np.int64
+    assert ds.y.tolist() == [0, 1, 1] and ds.y.dtype == np.float64  # numbers: the task decides what they are
 
 
 def test_csv_header_named_and_indexed_label(tmp_path):
@@ -211,7 +215,7 @@ def test_csv_header_named_and_indexed_label(tmp_path):
         np.testing.assert_array_equal(ds.x, [[1.5, 2.5], [3.5, 4.5]])
         assert ds.y.tolist() == [2, 0]
     mid = load_source(str(p), label_column="a")
-    np.testing.assert_array_equal(mid.y, [[1.5], [3.5]])  # non-integer: float targets
+    np.testing.assert_array_equal(mid.y, [1.5, 3.5])
     np.testing.assert_array_equal(mid.x, [[2, 2.5], [0, 4.5]])
 
 
@@ -299,44 +303,25 @@ def test_real_mnist_test_set():
 
 # --------------------------------------------------------------------------- validate
 
-def test_validate_accepts_good_data():
-    ds = load_source("spirals:n=60")
-    validate(ds, n_in=2, n_out=3, loss="cross_entropy")
-    validate(load_source("xor"), n_in=2, n_out=1, loss="mse")
-    validate(_ds(np.zeros((3, 2)), np.array([0, 1, 1])), n_in=2, n_out=1,
-             loss="binary_cross_entropy")
-    validate(_ds(np.zeros((2, 2)), np.array([[0.3, 0.7], [1.0, 0.0]])), n_in=2, n_out=2,
-             loss="cross_entropy")
+def test_validate_accepts_prepared_data():
+    validate(_ds(np.zeros((3, 2)), np.array([0, 2, 1])), n_in=2, n_out=3)
+    validate(_ds(np.zeros((2, 2)), np.array([[0.3, 0.7], [1.0, 0.0]])), n_in=2, n_out=2)
+    validate(_ds(np.zeros((2, 2), np.float32), np.array([[-7.5], [1e6]], np.float32)), n_in=2, n_out=1)
 
 
 @pytest.mark.parametrize("x, y, kw, pattern", [
     (np.array([[0.0, 1], [np.nan, 1], [np.inf, np.nan]]), np.zeros(3, np.int64), {},
-     r"^val data \(src\): x has 3 NaN/Inf values, first in row 1"),
-    (np.zeros((2, 784)), np.zeros(2, np.int64), {},
-     "has 784 features but model.layers\\[0\\] is 2"),
-    (np.zeros((3, 2)), np.array([0, 3, -1]), {},
-     r"class ids must lie in \[0, 2\].*found min -1 and max 3"),
-    (np.zeros((2, 2)), np.array([0, 1]), {"n_out": 1, "loss": "cross_entropy"},
-     "needs model.layers\\[-1\\] >= 2"),
-    (np.zeros((2, 2)), np.array([0, 2]), {"n_out": 1, "loss": "mse"},
-     r"class ids must lie in \[0, 1\]"),
-    (np.zeros((2, 2)), np.zeros((2, 2)), {}, "has 2 target columns but model.layers\\[-1\\] is 3"),
-    (np.zeros((2, 2)), np.array([[0.5], [np.nan]]), {"n_out": 1, "loss": "mse"},
-     "y has 1 NaN/Inf values, first in row 1"),
-    (np.zeros((2, 2)), np.array([[0.5], [1.5]]), {"n_out": 1, "loss": "binary_cross_entropy"},
-     r"must lie in \[0, 1\], found min 0.5 and max 1.5"),
-    (np.zeros((2, 2)), np.array([[0.5, 0.5, 0.0], [0.5, 0.6, 0.0]]), {},
-     "summing to 1 .*first row 1 with sum 1.1"),
+     r"^val data \(src\): x has 3 NaN/Inf values, first at row 1"),
+    (np.zeros((2, 784)), np.zeros(2, np.int64), {}, "has 784 features but the model takes 2"),
+    (np.zeros((3, 2)), np.array([0, 3, -1]), {}, r"class ids must lie in \[0, 2\].*found min -1 and max 3"),
+    (np.zeros((2, 2)), np.array([0.0, 1.0]), {}, "expected 1-D y to hold integer class ids"),
+    (np.zeros((2, 2)), np.zeros((2, 2)), {}, "has 2 target columns but the model has 3 outputs"),
+    (np.zeros((2, 2)), np.array([[0.5], [np.nan]]), {"n_out": 1}, "y has 1 NaN/Inf values, first at row 1"),
 ])
 def test_validate_errors(x, y, kw, pattern):
-    args = {"n_in": 2, "n_out": 3, "loss": "cross_entropy", **kw}
+    args = {"n_in": 2, "n_out": 3, **kw}
     with pytest.raises(DataError, match=pattern):
         validate(_ds(x, y, "src"), role="val", **args)
-
-
-def test_validate_unknown_loss():
-    with pytest.raises(ValueError, match="loss must be one of"):
-        validate(load_source("xor"), n_in=2, n_out=1, loss="hinge")
 
 
 # --------------------------------------------------------------------------- split
@@ -370,7 +355,7 @@ def test_standard_normalizer_float32():
     x = (rng.standard_normal((500, 3)) * [1, 10, 100] + [5, -3, 1000]).astype(np.float32)
     x[:, 1] = 7.0  # constant column
     nm = Normalizer.fit("standard", x)
-    assert nm.shift.dtype == nm.scale.dtype == np.float32
+    assert nm.shift.dtype == nm.scale.dtype == np.float64  # statistics in float64, whatever x is
     z = nm.apply(x)
     assert z.dtype == np.float32 and z is not x
     np.testing.assert_allclose(z[:, [0, 2]].mean(axis=0), 0, atol=1e-4)
@@ -465,3 +450,93 @@ def test_gather_rows_does_not_allocate_a_copy():
     finally:
         tracemalloc.stop()
     assert peak < out.nbytes // 8
+
+
+# --------------------------------------------------------------------------- tables with text labels
+
+def test_text_labels_and_auto_header(tmp_path):
+    p = tmp_path / "iris.csv"
+    p.write_text('sepal,petal,species\n5.1,1.4,setosa\n6.3,4.9,"virginica" \n5.8,4.1,"versi, color"\n')
+    ds = load_source(str(p), dtype=None, label_column="species")
+    assert ds.x.dtype == np.float64 and ds.label_name == "species"
+    np.testing.assert_array_equal(ds.x, [[5.1, 1.4], [6.3, 4.9], [5.8, 4.1]])
+    assert ds.y.tolist() == ["setosa", "virginica", "versi, color"]  # quoted, stripped
+    bare = tmp_path / "bare.csv"
+    bare.write_text("5.1,1.4,setosa\n6.3,4.9,virginica\n")  # text labels in every row: no header
+    ds = load_source(str(bare))
+    assert ds.n_samples == 2 and ds.y.tolist() == ["setosa", "virginica"] and ds.label_name is None
+
+
+def test_header_setting_settles_a_header_of_numbers(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("1,2,3\n0.5,1.5,0\n2.5,3.5,1\n")  # a header that looks like data
+    assert load_source(str(p)).n_samples == 3  # auto: numbers, so data
+    ds = load_source(str(p), header="true")
+    assert ds.n_samples == 2 and ds.label_name == "3" and ds.y.tolist() == [0, 1]
+    np.testing.assert_array_equal(ds.x, [[0.5, 1.5], [2.5, 3.5]])
+    q = tmp_path / "q.csv"
+    q.write_text("a,b,y\n1,2,0\n")
+    with pytest.raises(DataError, match=r"line 1 \(data row 1\), column 1: expected a number, found 'a'"):
+        load_source(str(q), header="false")
+    with pytest.raises(DataError, match="no header row; .*data.header = true"):
+        load_source(str(q), header="false", label_column="y")
+
+
+@pytest.mark.parametrize("label_column", ["kind", 1, "1", -2])
+def test_label_column_in_the_middle_by_name_or_index(tmp_path, label_column):
+    p = tmp_path / "t.tsv"
+    p.write_text("a\tkind\tb\n1\tcat\t2\n3\tdog\t4\n")
+    ds = load_source(str(p), label_column=label_column)
+    np.testing.assert_array_equal(ds.x, [[1, 2], [3, 4]])
+    assert ds.y.tolist() == ["cat", "dog"]
+
+
+def test_table_messages_name_line_and_column(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("a,b,species\n1,2,setosa\n# a comment\n3,x,virginica\n")
+    with pytest.raises(DataError, match=r"t.csv: line 4 \(data row 2\), column 2 \('b'\): expected a number, found"):
+        load_source(str(p))
+    p.write_text("a,b,species\n1,2,setosa\n\n3,nan,virginica\n")
+    with pytest.raises(DataError, match=r"t.csv: line 4, column 2 \('b'\): the feature is nan"):
+        load_source(str(p))
+    p.write_text("a,b,t\n1,2,3.5\n3,4,\n")  # numeric targets: an empty one cannot be read
+    with pytest.raises(DataError, match=r"line 3 \(data row 2\), column 3 \('t'\): expected a number, found ''$"):
+        load_source(str(p), text_labels=False)
+    p.write_text("a,b,t\n1,2,yes\n")
+    with pytest.raises(DataError, match=r"found 'yes' \(this model's loss takes numeric targets; for class labels use "
+                                        r"model.loss = \"cross_entropy\"\)"):
+        load_source(str(p), text_labels=False)
+
+
+def test_empty_and_nan_labels_of_a_table_are_named_with_their_line(tmp_path):
+    from dpbp.targets import Targets
+
+    p = tmp_path / "t.csv"
+    p.write_text("a,species\n1,setosa\n# comment\n2,\n3,virginica\n")
+    ds = load_source(str(p))
+    with pytest.raises(DataError, match="the label is empty at line 4"):
+        Targets.fit("classification", ds.y, where=ds.where)
+    p.write_text("a,label\n1,1\n2,2\n3,NaN\n")
+    ds = load_source(str(p))
+    with pytest.raises(DataError, match="the label is nan at line 4"):
+        Targets.fit("classification", ds.y, where=ds.where)
+
+
+def test_load_features_can_leave_the_label_column_out(tmp_path):
+    from dpbp.data import load_features
+
+    p = tmp_path / "t.csv"
+    p.write_text("a,species,b\n1,setosa,2\n3,virginica,4\n")
+    np.testing.assert_array_equal(load_features(str(p), dtype=None, drop_column="species"), [[1, 2], [3, 4]])
+    with pytest.raises(DataError, match=r"column 2 \('species'\): expected a number, found 'setosa'"):
+        load_features(str(p))
+
+
+def test_normaliser_keeps_the_digits_a_large_offset_leaves():
+    seconds = np.arange(0.0, 100.0, 0.5)
+    x = (1.7e9 + seconds)[:, None]  # a Unix time: float32 keeps steps of 128 s there
+    assert len(np.unique(x.astype(np.float32))) <= 2
+    nm = Normalizer.fit("standard", x)
+    z = nm.apply(x, np.float32)
+    assert z.dtype == np.float32 and len(np.unique(z)) == len(seconds)
+    np.testing.assert_allclose(z[:, 0], (seconds - seconds.mean()) / seconds.std(), rtol=1e-6, atol=1e-6)

@@ -149,19 +149,16 @@ def test_model_estimate_covers_what_training_allocates(single_rank, layers, dtyp
     ("spirals:n=1000000", "float32"), ("xor:repeat=250000", "float64"),
     ("highdim:n=50000,d=100", "float32"), ("highdim:n=50000,d=100", "float64"), ("highdim:n=20,d=50000", "float32"),
 ])
-def test_builtin_estimate_covers_loading_splitting_and_normalising(source, dtype):
+def test_builtin_estimate_covers_loading_splitting_and_normalising(single_rank, source, dtype):
+    task = ["model.loss=mse", "model.output=sigmoid"] if source.startswith("xor") else []
+    cfg = small_config(f"data.train={source}", "model.layers=[]", "model.hidden=[4]", *task, dtype=dtype)
     tracemalloc.start()
     try:
-        ds = data_mod.load_source(source, dtype=dtype)
-        data_mod.validate(ds, n_in=ds.n_features, n_out=1 if ds.y.ndim == 2 else 10,
-                          loss="mse" if ds.y.ndim == 2 else "cross_entropy")
-        train, val = data_mod.split_validation(ds, 0.1, 0)
-        del ds
-        norm = data_mod.Normalizer.fit("standard", train.x)
-        train.x, val.x = norm.apply(train.x), norm.apply(val.x)
+        data = prepare_data(cfg)  # load, check, split, encode, normalise: what training holds and made on the way
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+    assert data.train.x.dtype == np.dtype(dtype)
     estimate = data_mod.builtin_bytes(source, dtype)
     assert peak - 2**20 <= estimate <= 1.5 * peak, (estimate, peak)
 

@@ -92,6 +92,31 @@ def test_evaluation_counts_every_sample_once(comm):
     assert abs(got["loss"] - full.loss_sum / full.n) <= 1e-12 * abs(got["loss"])
 
 
+def test_evaluation_reports_count_every_sample_once(comm):
+    """Confusion matrix, per-class scores and regression sums over ranks equal the one-process report."""
+    from dpbp.data import Dataset
+    from dpbp.model import MLP
+    from dpbp.targets import Targets
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(31, 3))  # 31 rows: uneven over every rank count
+    labels = np.array(["a", "b", "c"])[rng.integers(0, 3, 31)]
+    targets = Targets.fit("classification", labels)
+    model = MLP([3, 5, 3], dtype="float64", seed=1)
+    ds = Dataset(x, targets.encode(labels), "classes")
+    got, ref = evaluate(model, ds, comm, targets), evaluate(model, ds, SerialComm(), targets)
+    assert got["confusion_matrix"] == ref["confusion_matrix"] and sum(map(sum, got["confusion_matrix"])) == 31
+    assert got["f1"] == pytest.approx(ref["f1"], rel=1e-15) and got["support"] == ref["support"]
+    y = 1e6 + rng.normal(size=(31, 2))
+    reg = Targets.fit("regression", y + 1.0, normalize="standard")
+    model = MLP([3, 4, 2], output="identity", loss="mse", dtype="float64", seed=2)
+    ds = Dataset(x, reg.encode(y), "values")
+    got, ref = evaluate(model, ds, comm, reg), evaluate(model, ds, SerialComm(), reg)
+    assert got["n"] == 31
+    for key in ("loss", "mse", "rmse", "mae", "r2"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-12), key
+
+
 def _shared_dir(world) -> str:
     import tempfile
 
