@@ -439,7 +439,8 @@ def _split_cells(line: str, delimiter: str | None) -> list[str]:
     return [c.strip() for c in next(csv.reader([line], delimiter=delimiter))]
 
 
-def _is_number(cell: str) -> bool:
+def is_number(cell: str) -> bool:
+    """True when the text ``cell`` reads as a float (``float(cell)`` succeeds: also 'nan', '1e3')."""
     try:
         float(cell)
     except ValueError:
@@ -486,8 +487,8 @@ def _header_row(rows: list[list[str]], header: str) -> bool:
         return header == "true"
     first, rest = rows[0], rows[1:]
     if not rest:
-        return not all(_is_number(c) for c in first)
-    return any(not _is_number(cell) and all(j < len(r) and _is_number(r[j]) for r in rest)
+        return not all(is_number(c) for c in first)
+    return any(not is_number(cell) and all(j < len(r) and is_number(r[j]) for r in rest)
                for j, cell in enumerate(first))
 
 
@@ -551,7 +552,7 @@ def _table_error(table: _Table, reason: str, text_column: int | None = None,
             return DataError(f"{table.path}: line {i + 1} (data row {row}): expected {table.n_cols} "
                              f"cells, found {len(cells)}")
         for j, cell in enumerate(cells):
-            if j != text_column and not _is_number(cell):
+            if j != text_column and not is_number(cell):
                 hint = (" (this model's loss takes numeric targets; for class labels use model.loss = "
                         "\"cross_entropy\")" if j == target_column and cell else "")
                 return DataError(f"{table.path}: line {i + 1} (data row {row}), {table.column(j)}: "
@@ -623,7 +624,7 @@ def _read_table(path: Path, header: str = "auto", label_column=None, text_labels
     ids = values[:, label].astype(np.int64)
     del values
     texts = [t.strip() for t in codes]
-    if all(t and _is_number(t) for t in texts):
+    if all(t and is_number(t) for t in texts):
         return x, np.array([float(t) for t in texts])[ids], table
     return x, np.array(texts)[ids], table
 

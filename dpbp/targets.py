@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dpbp.data import is_number as _is_number
 from dpbp.errors import CheckpointError, DataError
 
 TASKS = ("classification", "regression", "binary")
@@ -331,14 +332,6 @@ def _numeric_rows(y: np.ndarray, where: Where, pre: str, task: str) -> np.ndarra
         raise DataError(f"{pre}the target is {table[i][bad[i]][0]} at {where(i)} "
                         f"({int(bad.sum())} NaN/Inf targets in all)")
     return table
-
-
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
 
 
 def _json_value(value):

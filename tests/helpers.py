@@ -50,3 +50,22 @@ def as_format_1(path, out, normalize: str | None = None):
         meta["config"]["data"]["normalize"] = normalize
     ckpt.atomic_write_npz(out, arrays, meta)
     return out
+
+
+def invoke(*args, comm: str = "serial", restore_signals: bool = True):
+    """Run the ``dpbp`` CLI in-process (click's CliRunner) as one serial process, or on every rank
+    (``comm="mpi"``, under mpirun); the signal handlers that ``dpbp train`` installs are put back."""
+    import signal
+
+    from click.testing import CliRunner
+
+    from dpbp.cli import main
+    from dpbp.signals import STOP_SIGNALS
+
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        return CliRunner().invoke(main, [str(a) for a in args], env={"DPBP_COMM": comm})
+    finally:
+        if restore_signals:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)

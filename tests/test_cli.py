@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import invoke
 
 import dpbp
 from dpbp import load_model
-from dpbp.cli import main
 from dpbp.config import Config, config_hash, default_config, load_config
 from dpbp.data import load_source
 
@@ -37,25 +36,10 @@ SMALL_ROWS = 300  # spirals:n=300 -> 270 train + 30 validation rows
 METRIC_KEYS = {"epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
                "samples_per_s", "seconds"}
 LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "MV2_")
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
-
+from dpbp.signals import STOP_SIGNALS  # noqa: E402
 
 # ----------------------------------------------------------------------------- helpers
 
-
-def invoke(*args, restore_signals: bool = True):
-    """Run the CLI in-process, always as a single serial process.
-
-    Puts back the pytest process's signal handlers afterwards, so one command that leaves its
-    own installed cannot change how the rest of the session reacts to Ctrl-C or SIGTERM.
-    """
-    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    try:
-        return CliRunner().invoke(main, [str(a) for a in args], env={"DPBP_COMM": "serial"})
-    finally:
-        if restore_signals:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler)
 
 
 def clean_env(pythonpath_first: Path | None = None, **extra: str) -> dict[str, str]:

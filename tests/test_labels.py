@@ -9,32 +9,22 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import invoke
 
 import dpbp
 from dpbp import load_model
 from dpbp.checkpoint import load_network
-from dpbp.cli import main
 
 REPO = Path(dpbp.__file__).resolve().parent.parent
 NAMES = ["setosa", "versicolor", "virginica"]
 QUICK = ["--set", "model.hidden=[16]", "--batch-size", "16", "--epochs", "30", "--set", "train.lr=0.01"]
 
-
-def invoke(*args):
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        return CliRunner().invoke(main, [str(a) for a in args], env={"DPBP_COMM": "serial"})
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 def dpbp_proc(*args) -> subprocess.CompletedProcess:

@@ -6,16 +6,13 @@ Single process; tests/mpi/test_nonfinite_ranks.py checks that every rank agrees,
 from __future__ import annotations
 
 import re
-import signal
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from helpers import small_config
+from helpers import invoke, small_config
 
 from dpbp import checkpoint as ckpt
 from dpbp import rundir
-from dpbp.cli import main
 from dpbp.comm import SerialComm
 from dpbp.errors import ConfigError
 from dpbp.train import Trainer, TrainingError
@@ -149,15 +146,6 @@ def test_model_npz_is_never_written_with_nonfinite_parameters(tmp_path):
 
 # ----------------------------------------------------------------------------- through the CLI
 
-
-def invoke(*args):
-    """The CLI in-process as one serial process, leaving pytest's signal handlers as they were."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        return CliRunner().invoke(main, [str(a) for a in args], env={"DPBP_COMM": "serial"})
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 SMALL = ["--set", "data.train=spirals:n=300", "--set", "model.layers=[2,8,3]", "--batch-size", "30"]

@@ -8,18 +8,16 @@ model.npz and a finite newest checkpoint. Launched by tests/test_mpi_runs.py.
 from __future__ import annotations
 
 import re
-import signal
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import invoke as invoke_cli
 from helpers import max_rel_diff, small_config
 
 from dpbp import checkpoint as ckpt
 from dpbp import rundir
-from dpbp.cli import main
 from dpbp.comm import MPIComm, SerialComm
 from dpbp.train import Trainer, TrainingError
 
@@ -139,15 +137,9 @@ def test_a_huge_finite_gradient_is_trained_on_as_on_one_rank(exchange, mode):
     assert max_rel_diff(dist.model.params, ref.model.params) < 1e-6
 
 
-def invoke(*args):
-    """The CLI in-process on every rank (MPI), leaving pytest's signal handlers as they were."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        return CliRunner().invoke(main, [str(a) for a in args], env={"DPBP_COMM": "mpi"})
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
+def invoke(*args):
+    return invoke_cli(*args, comm="mpi")
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
 def test_cli_exits_3_on_every_rank_and_keeps_the_last_good_checkpoint(exchange):
