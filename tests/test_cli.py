@@ -25,6 +25,7 @@ import dpbp
 from dpbp import load_model
 from dpbp.config import Config, config_hash, default_config, load_config
 from dpbp.data import load_source
+from dpbp.signals import STOP_SIGNALS
 
 # The checkout under test; subprocesses must import this dpbp, not an older installed copy.
 REPO = Path(dpbp.__file__).resolve().parent.parent
@@ -36,7 +37,6 @@ SMALL_ROWS = 300  # spirals:n=300 -> 270 train + 30 validation rows
 METRIC_KEYS = {"epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
                "samples_per_s", "seconds"}
 LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "MV2_")
-from dpbp.signals import STOP_SIGNALS  # noqa: E402
 
 # ----------------------------------------------------------------------------- helpers
 
