@@ -381,7 +381,9 @@ def load_model(path: str | os.PathLike) -> MLP:
     checkpoint (``step-N.npz``, ``best.npz``). The saved normaliser is folded into the first
     layer (``fold_input_map``) and a regression's target scaling into the last
     (``fold_output_map``), so ``predict`` on raw data works either way (equal to
-    ``load_network``'s exact pair up to rounding). Parameters are ``(n_params,)`` of the saved dtype.
+    ``load_network``'s exact pair up to rounding; in float32, features with a large offset, such as
+    Unix times, lose their differences in the folded layer: use ``load_network`` for them).
+    Parameters are ``(n_params,)`` of the saved dtype.
     Raises CheckpointError naming the file when it is missing, corrupt, not a dpbp file, or
     a format-1 checkpoint trained on normalised data (it does not store its normaliser).
     """

@@ -396,8 +396,8 @@ def _resume_point(comm, resume: str, given: Path | None):
 # ----------------------------------------------------------------------------- evaluate / predict
 
 
-HEADER_HELP = ("Does the table's first row name its columns (auto, true, false)? auto: when a column holds text there "
-               "and numbers below.")
+HEADER_HELP = ("Does the table's first row name its columns (auto, true, false)? Default: the data.header the model "
+               "was trained with (auto: when a column holds text there and numbers below, or pandas' 0,1,2,... names).")
 
 
 @main.command(epilog="""\b
@@ -414,8 +414,7 @@ Examples:
 @click.option("--label-column", default=None,
               help="Table label column: last, first, an index or a header name. Default: the data.label_column the "
                    "model was trained with.")
-@click.option("--header", type=click.Choice(["auto", "true", "false"]), default="auto", show_default=True,
-              help=HEADER_HELP)
+@click.option("--header", type=click.Choice(["auto", "true", "false"]), default=None, help=HEADER_HELP)
 @click.option("--seed", default=0, show_default=True, help="Seed for built-in data sets.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @collective
@@ -437,7 +436,7 @@ def evaluate(comm, model_path, source, label_column, header, seed, as_json):
     def load():
         model, inputs, targets = load_network(model_path)
         column = label_column or targets.label_column or "last"
-        raw = data_mod.load_source(source, dtype=None, label_column=column, header=header,
+        raw = data_mod.load_source(source, dtype=None, label_column=column, header=header or targets.header or "auto",
                                    text_labels=targets.task == "classification", seed=seed)
         data_mod.check_features(raw, "evaluation")
         pre = f"evaluation data ({raw.source}): "
@@ -500,8 +499,7 @@ Examples:
 @click.option("--label-column", "drop_column", default=None,
               help="A column of the input table to leave out (labels, which may be text), as for evaluate, e.g. "
                    "--label-column species. Default: every column is a feature.")
-@click.option("--header", type=click.Choice(["auto", "true", "false"]), default="auto", show_default=True,
-              help=HEADER_HELP)
+@click.option("--header", type=click.Choice(["auto", "true", "false"]), default=None, help=HEADER_HELP)
 @collective
 def predict(comm, model_path, input_path, output_path, drop_column, header):
     """Write the predictions of a model file or any checkpoint for every row of a feature file.
@@ -519,7 +517,8 @@ def predict(comm, model_path, input_path, output_path, drop_column, header):
 
     def load():
         model, inputs, targets = load_network(model_path)
-        x = data_mod.load_features(input_path, dtype=None, header=header, drop_column=drop_column)
+        x = data_mod.load_features(input_path, dtype=None, header=header or targets.header or "auto",
+                                   drop_column=drop_column)
         if x.shape[1] != model.sizes[0]:
             hint = (" (to leave a label column of the table out, give --label-column)"
                     if drop_column is None and x.shape[1] == model.sizes[0] + 1 else "")

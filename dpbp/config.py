@@ -755,7 +755,8 @@ def _layers_or_hidden(model: ModelConfig, given: Mapping[str, Any]) -> ModelConf
     inner = list(model.layers[1:-1])
     if "hidden" in given and list(model.hidden) != inner:
         raise ConfigError("model.hidden", f"{list(model.hidden)} disagrees with model.layers = {list(model.layers)}; "
-                          "give model.hidden (the input and output widths follow the data) or model.layers, not both")
+                          f"give one of them: model.hidden = {inner} (the input and output widths follow the data) "
+                          "or model.layers alone (delete the hidden line of a file made by `dpbp config show`)")
     return dataclasses.replace(model, hidden=inner)
 
 

@@ -430,7 +430,13 @@ def _load_npy(path: Path) -> np.ndarray:
 # CSV ----------------------------------------------------------------------------------
 
 def _strip_comment(line: str) -> str:
-    return line.split("#", 1)[0].strip()
+    """The line without surrounding space; "" for a comment line (first non-space character ``#``).
+
+    Only whole lines are comments: a ``#`` inside a cell (a label such as ``C#`` or Excel's ``#N/A``)
+    is data, never the start of a comment that would silently drop the rest of the row.
+    """
+    text = line.strip()
+    return "" if text.startswith("#") else text
 
 
 def _split_cells(line: str, delimiter: str | None) -> list[str]:
@@ -464,7 +470,7 @@ class _Table:
         try:
             with open(self.path, encoding="utf-8-sig", newline=None) as f:
                 for i, raw in enumerate(f):
-                    if i >= self.skip and _strip_comment(raw):
+                    if i >= self.skip and raw.strip():  # after the header every non-blank line is a row
                         count += 1
                         if count == row:
                             return f"line {i + 1}"
@@ -488,8 +494,20 @@ def _header_row(rows: list[list[str]], header: str) -> bool:
     first, rest = rows[0], rows[1:]
     if not rest:
         return not all(is_number(c) for c in first)
+    numbers = [c for c in first if is_number(c)]
+    if len(numbers) < len(first) and len(numbers) > 1 and _counts_up(numbers):
+        return True  # pandas' default column names: 0,1,2,...,label (text in the label column everywhere)
     return any(not is_number(cell) and all(j < len(r) and is_number(r[j]) for r in rest)
                for j, cell in enumerate(first))
+
+
+def _counts_up(cells: list[str]) -> bool:
+    """True for consecutive whole numbers from 0 or 1 (the names pandas gives unnamed columns)."""
+    try:
+        values = [float(c) for c in cells]
+    except ValueError:
+        return False
+    return values[0] in (0.0, 1.0) and values == [values[0] + i for i in range(len(values))]
 
 
 def _sniff_table(path: Path, header: str = "auto", sample: int = 20) -> _Table:
@@ -543,10 +561,13 @@ def _table_error(table: _Table, reason: str, text_column: int | None = None,
         return DataError(f"cannot read {table.path} as a text table: {e}")
     row = 0
     for i, raw in enumerate(lines):
-        text = _strip_comment(raw)
+        text = raw.strip()
         if i < table.skip or not text:
             continue
         row += 1
+        if text.startswith("#"):
+            return DataError(f"{table.path}: line {i + 1} (data row {row}) is a comment among the data rows; only "
+                             "lines before the first row may be comments")
         cells = _split_cells(text, table.delimiter)
         if len(cells) != table.n_cols:
             return DataError(f"{table.path}: line {i + 1} (data row {row}): expected {table.n_cols} "
@@ -571,8 +592,8 @@ def _label_index(label_column, header, n_cols: int, path: Path) -> int:
     if isinstance(lc, str):
         if header is None:
             raise DataError(f"{path}: label_column {lc!r} names a column, but the table has "
-                            "no header row; use 'first', 'last' or a column index (or data.header = true "
-                            "if its first row is the header)")
+                            "no header row; use 'first', 'last' or a column index (or, if its first row is the "
+                            "header: data.header = true in training, --header true for evaluate and predict)")
         if header.count(lc) != 1:
             found = "several columns" if lc in header else "no column"
             raise DataError(f"{path}: label_column {lc!r} matches {found}; header: {header}")
@@ -605,7 +626,7 @@ def _read_table(path: Path, header: str = "auto", label_column=None, text_labels
     converters = {label: code} if label is not None and text_labels else None
     try:
         # Fast C parser first; the Python scan only runs to explain a failure.
-        values = np.loadtxt(path, delimiter=table.delimiter, skiprows=table.skip, comments="#",
+        values = np.loadtxt(path, delimiter=table.delimiter, skiprows=table.skip, comments=None,
                             dtype=np.float64, ndmin=2, encoding="utf-8-sig",
                             quotechar='"' if table.delimiter else None, converters=converters)
     except ValueError as e:

@@ -29,8 +29,9 @@ def classification_report(confusion: np.ndarray) -> dict:
     """Accuracy and per-class scores of a ``(k, k)`` confusion matrix (rows true, columns predicted).
 
     Returns JSON-ready lists and floats: ``precision``, ``recall``, ``f1``, ``support`` (one per
-    class), ``macro_*`` and ``weighted_*`` averages of the three scores, ``accuracy`` and
-    ``confusion_matrix`` (lists of ints).
+    class), ``macro_*`` (over the classes that occur in the data or the predictions, as
+    scikit-learn's ``classification_report``) and ``weighted_*`` averages of the three scores,
+    ``accuracy`` and ``confusion_matrix`` (lists of ints).
     """
     c = np.asarray(confusion, dtype=np.float64)
     hits = np.diag(c)
@@ -43,8 +44,9 @@ def classification_report(confusion: np.ndarray) -> dict:
     report = {"accuracy": float(hits.sum() / total) if total else math.nan,
               "precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
               "support": [int(s) for s in support]}
+    seen = (support > 0) | (predicted > 0)  # classes in the data or the predictions, as scikit-learn averages
     for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
-        report[f"macro_{name}"] = float(values.mean())
+        report[f"macro_{name}"] = float(values[seen].mean()) if seen.any() else math.nan
         report[f"weighted_{name}"] = float(values @ support / total) if total else math.nan
     report["confusion_matrix"] = [[int(v) for v in row] for row in c]
     return report

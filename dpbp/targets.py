@@ -53,7 +53,8 @@ class Targets:
     classification from target rows) or for a model saved before labels were recorded (class ids
     are then the labels). ``normalize``/``shift``/``scale``: regression target scaling
     (``(outputs,)`` float64; the model is trained on ``(y - shift) * scale``). ``label_column``
-    and ``label_name``: the training data's label column as configured and its header name, if any.
+    and ``label_name``: the training data's label column as configured and its header name, if any;
+    ``header``: the training data's ``data.header`` setting (evaluate and predict read tables alike).
     """
 
     task: str
@@ -64,13 +65,14 @@ class Targets:
     scale: np.ndarray | None = field(default=None, repr=False)
     label_column: str | None = None
     label_name: str | None = None
+    header: str | None = None
 
     # ------------------------------------------------------------------ building
 
     @classmethod
     def fit(cls, task: str, y: np.ndarray, *, normalize: str = "none", rows: np.ndarray | None = None,
             where: Where | None = None, pre: str = "", label_column: str | None = None,
-            label_name: str | None = None) -> Targets:
+            label_name: str | None = None, header: str | None = None) -> Targets:
         """Record what the training labels/targets ``y`` (raw, as loaded) mean.
 
         Classes come from every row of ``y`` (the training file); the target scaling from
@@ -84,7 +86,7 @@ class Targets:
         if normalize not in TARGET_NORMALIZERS:
             raise ValueError(f"target normalizer must be one of {TARGET_NORMALIZERS}, got {normalize!r}")
         where = where or _row
-        kw = {"label_column": label_column, "label_name": label_name}
+        kw = {"label_column": label_column, "label_name": label_name, "header": header}
         if task == "classification" and not _is_rows(y):
             classes = np.unique(_label_values(y.reshape(-1), where, pre))  # sorted: LabelEncoder's order
             return cls(task, len(classes), [_json_value(c) for c in classes], **kw)
@@ -198,7 +200,7 @@ class Targets:
     def describe_classes(self, limit: int = 10) -> str:
         labels = self.classes if self.classes is not None else list(range(self.outputs))
         shown = ", ".join(repr(c) for c in labels[:limit])
-        return f"{len(labels)} classes: {shown}{', ...' if len(labels) > limit else ''}"
+        return f"{len(labels)} class{'es' if len(labels) != 1 else ''}: {shown}{', ...' if len(labels) > limit else ''}"
 
     def describe(self) -> str:
         """One line for the start-up header."""
@@ -219,7 +221,8 @@ class Targets:
     def to_meta(self) -> dict:
         """JSON-able record (the arrays go separately, see ``to_arrays``)."""
         return {"task": self.task, "outputs": int(self.outputs), "classes": self.classes,
-                "normalize": self.normalize, "label_column": self.label_column, "label_name": self.label_name}
+                "normalize": self.normalize, "label_column": self.label_column, "label_name": self.label_name,
+                "header": self.header}
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """``{"target_shift", "target_scale"}`` float64 copies; empty without target scaling."""
@@ -249,7 +252,7 @@ class Targets:
                      not isinstance(c, bool) else None for c in classes} if isinstance(classes, list) else {None}
             if task != "classification" or len(classes) != outputs or None in kinds or len(kinds) != 1:
                 raise ValueError("classes must be a list of strings or of numbers, one per output")
-        for key in ("label_column", "label_name"):
+        for key in ("label_column", "label_name", "header"):
             if meta.get(key) is not None and not isinstance(meta[key], str):
                 raise ValueError(f"{key} must be a string")
 
@@ -266,10 +269,16 @@ class Targets:
             shift = np.array(arrays["target_shift"], np.float64)
             scale = np.array(arrays["target_scale"], np.float64)
         return cls(meta["task"], meta["outputs"], meta["classes"], meta["normalize"], shift, scale,
-                   meta.get("label_column"), meta.get("label_name"))
+                   meta.get("label_column"), meta.get("label_name"), meta.get("header"))
 
 
 # ----------------------------------------------------------------------------- value rules
+
+
+# Texts that spreadsheets, R and pandas write for a missing value (pandas' default na_values, lower case):
+# as a label they are refused, naming the line, instead of becoming a class of their own.
+MISSING_LABELS = ("nan", "-nan", "+nan", "na", "n/a", "#n/a", "#n/a n/a", "#na", "<na>", "null", "none", "?",
+                  "-1.#ind", "1.#ind", "-1.#qnan", "1.#qnan")
 
 
 def _is_rows(y: np.ndarray) -> bool:
@@ -281,7 +290,8 @@ def _label_values(labels: np.ndarray, where: Where, pre: str) -> np.ndarray:
     """1-D labels in canonical form: int64 (whole numbers), float64 (other numbers) or str.
 
     Text that is a number everywhere is that number; text with any non-number stays text
-    (stripped). Empty and NaN/Inf labels are a DataError naming the first one.
+    (stripped). Empty and NaN/Inf labels, and text that marks a missing value (``MISSING_LABELS``:
+    NA, N/A, #N/A, ?, null, ...), are a DataError naming the first one.
     """
     if labels.dtype.kind in "SU":
         text = np.char.strip(labels.astype(str))
@@ -291,9 +301,10 @@ def _label_values(labels: np.ndarray, where: Where, pre: str) -> np.ndarray:
         try:
             numbers = text.astype(np.float64)
         except ValueError:
-            missing = np.flatnonzero(np.isin(np.char.lower(text), ("nan", "-nan", "+nan")))  # NaN among text
+            missing = np.flatnonzero(np.isin(np.char.lower(text), MISSING_LABELS))  # NaN, NA, ? among text
             if missing.size:
-                raise DataError(f"{pre}the label is {text[missing[0]]} at {where(int(missing[0]))}") from None
+                raise DataError(f"{pre}the label is {str(text[missing[0]])!r} at {where(int(missing[0]))}, a missing "
+                                "value (labels read as missing: NA, N/A, #N/A, ?, null, None, NaN, ...)") from None
             return text
         labels = numbers
     if labels.dtype.kind == "b":

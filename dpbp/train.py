@@ -233,7 +233,7 @@ def prepare_data(cfg: Config) -> PreparedData:
     rows, val_rows = data_mod.split_rows(raw.n_samples, 0.0 if d.val else d.val_fraction, t.seed)
     pre = f"train data ({raw.source}): "
     targets = Targets.fit(task, raw.y, normalize=target_normalizer(cfg), rows=rows, where=raw.where, pre=pre,
-                          label_column=d.label_column, label_name=raw.label_name)
+                          label_column=d.label_column, label_name=raw.label_name, header=d.header)
     if task == "classification" and targets.outputs < 2:
         raise DataError(f"{pre}the labels hold a single class ({targets.describe_classes()}): a classifier needs "
                         "at least 2; check data.train and data.label_column")
@@ -284,6 +284,11 @@ def _data_notes(targets: Targets, train: data_mod.Dataset, split: bool) -> list[
         if np.count_nonzero(counts) == 1:
             notes.append("warning: the training split holds a single class: the model will learn to predict it "
                          "for every input")
+        lonely = int(np.count_nonzero(counts == 1))
+        if targets.outputs > 10 and lonely > targets.outputs // 2 and not isinstance(targets.classes[0], str):
+            notes.append(f"warning: {lonely} of the {targets.outputs} classes have a single training row: if the "
+                         "labels are numbers to predict, this is a regression (set model.loss = \"mse\" and "
+                         "model.output = \"identity\"), or data.label_column names the wrong column")
     elif targets.task == "binary":
         hard = y > 0.5
         one_sided = [j for j in range(y.shape[1]) if hard[:, j].all() or not hard[:, j].any()]

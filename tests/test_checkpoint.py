@@ -72,7 +72,7 @@ def test_checkpoint_holds_everything_documented(saved_run):
         assert key in meta, key
     assert meta["format_version"] == ckpt.CHECKPOINT_VERSION == 3
     assert meta["targets"] == {"task": "classification", "outputs": 3, "classes": [0, 1, 2], "normalize": "none",
-                               "label_column": "last", "label_name": None}
+                               "label_column": "last", "label_name": None, "header": "auto"}
     record = json.loads((run_dir / "run.json").read_text())
     assert meta["run"]["run_id"] == record["run_id"] and meta["run"]["seq"] < record["next_seq"]
     assert set(meta["state"]) >= {"epoch", "step_in_epoch", "global_step", "best_val_loss"}

@@ -493,7 +493,7 @@ def test_label_column_in_the_middle_by_name_or_index(tmp_path, label_column):
 
 def test_table_messages_name_line_and_column(tmp_path):
     p = tmp_path / "t.csv"
-    p.write_text("a,b,species\n1,2,setosa\n# a comment\n3,x,virginica\n")
+    p.write_text("# a comment\na,b,species\n1,2,setosa\n3,x,virginica\n")
     with pytest.raises(DataError, match=r"t.csv: line 4 \(data row 2\), column 2 \('b'\): expected a number, found"):
         load_source(str(p))
     p.write_text("a,b,species\n1,2,setosa\n\n3,nan,virginica\n")
@@ -512,7 +512,7 @@ def test_empty_and_nan_labels_of_a_table_are_named_with_their_line(tmp_path):
     from dpbp.targets import Targets
 
     p = tmp_path / "t.csv"
-    p.write_text("a,species\n1,setosa\n# comment\n2,\n3,virginica\n")
+    p.write_text("# comment\na,species\n1,setosa\n2,\n3,virginica\n")
     ds = load_source(str(p))
     with pytest.raises(DataError, match="the label is empty at line 4"):
         Targets.fit("classification", ds.y, where=ds.where)
@@ -540,3 +540,30 @@ def test_normaliser_keeps_the_digits_a_large_offset_leaves():
     z = nm.apply(x, np.float32)
     assert z.dtype == np.float32 and len(np.unique(z)) == len(seconds)
     np.testing.assert_allclose(z[:, 0], (seconds - seconds.mean()) / seconds.std(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_hash_inside_a_cell_is_data_not_a_comment(tmp_path):
+    """Only whole lines starting with # are comments: a label C# is a class, and Excel's #N/A is refused as a
+    missing value naming its line, never a row silently cut short or dropped."""
+    from dpbp.targets import Targets
+
+    p = tmp_path / "t.csv"
+    p.write_text("# notes about the file\nx,key\n1,C#\n2,F#\n3,G\n4,C#\n")
+    ds = load_source(str(p))
+    assert list(ds.y) == ["C#", "F#", "G", "C#"]
+    assert Targets.fit("classification", ds.y, where=ds.where).classes == ["C#", "F#", "G"]
+    p.write_text("x,key\n1,a\n2,#N/A\n3,b\n")
+    ds = load_source(str(p))
+    assert ds.n_samples == 3
+    with pytest.raises(DataError, match="the label is '#N/A' at line 3, a missing value"):
+        Targets.fit("classification", ds.y, where=ds.where)
+    p.write_text("x,key\n1,a\n# a comment among the rows\n3,b\n")
+    with pytest.raises(DataError, match="line 3 .data row 2. is a comment among the data rows"):  # loud
+        load_source(str(p))
+
+
+def test_pandas_column_names_are_a_header(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("0,1,2,species\n5.1,3.5,1.4,setosa\n4.9,3.0,1.4,setosa\n6.3,3.3,6.0,virginica\n")
+    ds = load_source(str(p))
+    assert ds.n_samples == 3 and sorted(set(ds.y)) == ["setosa", "virginica"]

@@ -286,7 +286,7 @@ def test_a_single_class_is_refused_and_a_class_missing_from_the_split_warned_onc
     x, _ = flowers(60, 4)
     one = write_table(tmp_path / "one.csv", None, [[*r, "setosa"] for r in x])
     one_error(dpbp_proc("train", "--set", f"data.train={one}", "--run-dir", tmp_path / "r1"),
-              "the labels hold a single class (1 classes: 'setosa')")
+              "the labels hold a single class (1 class: 'setosa')")
     assert not (tmp_path / "r1").exists()
     rare = [[*r, "setosa" if i else "rosa"] for i, r in enumerate(x)]  # one row of 'rosa'
     data = write_table(tmp_path / "rare.csv", None, rare)
@@ -320,3 +320,21 @@ def test_a_sigmoid_regression_of_targets_outside_0_1_is_warned_about(tmp_path):
                     "--epochs", "1", "--run-dir", tmp_path / "r")
     assert result.exit_code == 0, result.output
     assert result.output.count("warning: a sigmoid output predicts values in (0, 1), but the training targets") == 1
+
+
+def test_evaluate_and_predict_read_tables_with_the_models_header_setting(tmp_path):
+    """A header of numbers needs data.header = true; evaluate and predict then read the same way."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 4))
+    y = (x[:, 0] > 0).astype(int) + 1  # labels 1 and 2
+    path = write_table(tmp_path / "numhdr.csv", ["1", "2", "3", "4", "5"], np.c_[x, y])
+    run = tmp_path / "run"
+    assert invoke("train", "--set", f"data.train={path}", "--set", "data.header=true", "--epochs", "2",
+                  "--run-dir", run).exit_code == 0
+    ev = invoke("evaluate", "--model", run / "model.npz", "--data", path, "--json")
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.stdout)["n"] == 120
+    out = tmp_path / "p.csv"
+    pr = invoke("predict", "--model", run / "model.npz", "--input", path, "--label-column", "last", "--output", out)
+    assert pr.exit_code == 0, pr.output
+    assert len(out.read_text().splitlines()) == 1 + 120  # its header row, then one line per data row

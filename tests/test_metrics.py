@@ -103,3 +103,11 @@ def test_evaluate_regression_in_the_targets_units_with_a_far_mean():
     assert report["r2"] == pytest.approx(1 - np.sum(e**2) / np.sum((raw - raw.mean()) ** 2), rel=1e-9)
     assert report["loss"] == pytest.approx(0.5 * np.mean((model.predict(x)[:, 0] - targets.encode(raw)[:, 0]) ** 2),
                                            rel=1e-12)  # the training loss: half the squared error, scaled targets
+
+
+def test_macro_averages_leave_out_classes_absent_from_data_and_predictions():
+    """scikit-learn's rule: a class that neither occurs nor is predicted does not pull the macro average down."""
+    report = classification_report(np.array([[1, 0, 0], [0, 0, 0], [0, 0, 0]]))  # one row of class 0, right
+    assert report["macro_precision"] == report["macro_recall"] == report["macro_f1"] == 1.0
+    report = classification_report(np.array([[1, 1, 0], [0, 0, 0], [0, 0, 0]]))  # class 1 predicted, never true
+    assert report["macro_recall"] == 0.25 and report["macro_precision"] == 0.5  # as scikit-learn, zero_division=0

@@ -93,7 +93,10 @@ def test_numbers_match_text_labels_by_their_text():
     (np.array(["a", " ", "b"]), "the label is empty at line 3"),
     (np.array([1.0, np.nan, 2.0]), "the label is nan at line 3"),
     (np.array(["1", "nan"]), "the label is nan at line 3"),
-    (np.array(["a", "b", "NaN"]), "the label is NaN at line 4"),  # among text labels too
+    (np.array(["a", "b", "NaN"]), "the label is 'NaN' at line 4, a missing value"),  # among text labels too
+    (np.array(["a", "NA", "b"]), "the label is 'NA' at line 3, a missing value"),
+    (np.array(["a", "b", "#N/A"]), "the label is '#N/A' at line 4, a missing value"),
+    (np.array(["?", "a"]), "the label is '\\?' at line 2, a missing value"),
 ])
 def test_empty_and_nan_labels_are_named(labels, message):
     with pytest.raises(DataError, match=message):
