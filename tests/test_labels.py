@@ -338,3 +338,14 @@ def test_evaluate_and_predict_read_tables_with_the_models_header_setting(tmp_pat
     pr = invoke("predict", "--model", run / "model.npz", "--input", path, "--label-column", "last", "--output", out)
     assert pr.exit_code == 0, pr.output
     assert len(out.read_text().splitlines()) == 1 + 120  # its header row, then one line per data row
+
+
+def test_numeric_labels_that_are_mostly_one_row_each_get_a_regression_hint(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3))
+    y = np.round(150 + 80 * x[:, 0] + 5 * rng.normal(size=200))  # whole-number targets read as class labels
+    path = write_table(tmp_path / "counts.csv", ["a", "b", "c", "progression"], np.c_[x, y])
+    result = invoke("train", "--set", f"data.train={path}", "--epochs", "1", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("classes have a single training row: if the labels are numbers to predict, "
+                               "this is a regression") == 1, result.output
