@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import os
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
+from dpbp.errors import AgreedError, DpbpError, TrainingError
 from dpbp.watchdog import Watchdog
 
 # Seconds MPI_Abort gets to end the job before this process exits on its own.
@@ -128,9 +131,14 @@ def _activity() -> tuple[str, float | None]:
 
 
 class MPIComm:
-    """A communicator over mpi4py (``MPI.COMM_WORLD`` unless another is given)."""
+    """A communicator over mpi4py (``MPI.COMM_WORLD`` unless another is given).
 
-    def __init__(self, comm=None):
+    ``node_size`` (tests and benchmarks only) splits each node's ranks into groups of that
+    many, in rank order, each group then acting as a node of its own: the node-shared and
+    hierarchical exchanges run on one machine as they would across machines.
+    """
+
+    def __init__(self, comm=None, *, node_size: int | None = None):
         from mpi4py import MPI
 
         self._MPI = MPI
@@ -139,6 +147,8 @@ class MPIComm:
         self.size = self.comm.Get_size()
         self.is_root = self.rank == 0
         self._node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        if node_size is not None:  # DP: virtual nodes inside one node (a subset of a shared-memory node)
+            self._node = self._node.Split(self._node.Get_rank() // node_size, self.rank)
         self.local_size = self._node.Get_size()  # ranks on this node: sets BLAS threads per rank
         self.local_rank = self._node.Get_rank()
         self._windows: list = []
@@ -238,6 +248,17 @@ class MPIComm:
             self.comm.Allgatherv(self._MPI.IN_PLACE, [buf, (list(counts), displs)])
         return buf
 
+    def peers(self) -> MPIComm:
+        """The ranks with this rank's node rank, one per node, as a communicator (collective).
+
+        With the same number of ranks on every node, peers hold the same span of the parameter
+        vector in the node-shared exchange: reducing a span among them crosses the network once
+        per node. Rank order follows the world's.
+        """
+        with self._collective():
+            sub = self.comm.Split(self.local_rank, self.rank)
+        return MPIComm(sub)
+
     def node_shared_array(self, n: int, dtype) -> np.ndarray:
         """A zeroed 1-D array of ``n`` elements that every rank of this node maps (collective over the node).
 
@@ -332,6 +353,80 @@ class MPIComm:
         threading.Thread(target=lambda: (time.sleep(ABORT_FALLBACK), os._exit(code)), daemon=True).start()
         time.sleep(0.5)
         self.comm.Abort(code)
+
+
+# ----------------------------------------------------------------------------- agreement
+
+
+def all_or_nothing(comm, fn: Callable[[], object], what: str = "", *, root_only: bool = False):
+    """Run ``fn`` on every rank; if it fails on any rank, raise the same AgreedError on all.
+
+    Lets set-up work (reading config, data, files) fail on one node without
+    leaving the other ranks waiting in a collective. Expected errors (DpbpError)
+    keep their message and exit code; anything else is reported with its type.
+    A failure on some ranks only is prefixed with the first failing rank, unless
+    ``root_only`` (``fn`` does its work on rank 0 alone, so naming rank 0 says nothing).
+    ``what`` also names the rank's phase while ``fn`` runs (see ``comm.phase``).
+    """
+    result, failure = None, None
+    try:
+        with comm.phase(what) if what else contextlib.nullcontext():
+            result = fn()
+    except DpbpError as exc:
+        failure = (str(exc), exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - reported collectively below
+        failure = (f"{what}{': ' if what else ''}{type(exc).__name__}: {exc}", 1)
+    failures = comm.allgather_obj(failure)
+    bad = [(rank, f) for rank, f in enumerate(failures) if f is not None]
+    if bad:
+        rank, (message, code) = bad[0]
+        same_everywhere = len(bad) == comm.size and all(f == bad[0][1] for _, f in bad)
+        if comm.size > 1 and not same_everywhere and not (root_only and rank == 0):
+            message = f"rank {rank}: {message}"
+        raise AgreedError(message, code)
+    return result
+
+
+def params_digest(params: np.ndarray) -> str:
+    """Short sha256 of the parameter bytes: equal on all ranks iff the weights are identical."""
+    return hashlib.sha256(params.tobytes()).hexdigest()[:16]
+
+
+def check_in_sync(comm, params: np.ndarray, when: str) -> None:
+    """Raise TrainingError on every rank if any rank's parameters differ from rank 0's (collective)."""
+    digests = comm.allgather_obj(params_digest(params))
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise TrainingError(
+            f"ranks out of sync {when}: parameters on rank(s) {differ} differ from rank 0; "
+            "check that every rank runs the same dpbp, numpy and config"
+        )
+
+
+def check_data_agrees(comm, mine: dict[str, dict | None]) -> dict[str, dict | None]:
+    """Every rank must train on the same data: compare each rank's digests with rank 0's (collective).
+
+    ``mine``: ``{role: digest}`` with the digests of ``dpbp.data.dataset_digest`` (None: no such
+    data set). Ranks that read node-local copies of a file that differ would otherwise train
+    silently as one (same length) or wait for each other forever (different lengths). Raises
+    AgreedError (exit 2) naming the ranks and what differs; returns ``mine``.
+    """
+    everyone = comm.allgather_obj(mine)
+    for role, ref in everyone[0].items():
+        differ = [r for r, d in enumerate(everyone) if d[role] != ref]
+        if not differ:
+            continue
+        other = everyone[differ[0]][role]
+        if ref is None or other is None or other["shape"] != ref["shape"]:
+            def size(d):
+                return "none" if d is None else f"{d['rows']} rows, arrays {d['shape'][0]} and {d['shape'][1]}"
+
+            what = f"rank {differ[0]} has {size(other)}, rank 0 has {size(ref)}"
+        else:
+            what = f"same {ref['rows']} rows, different content (sha256 {other['sha256'][:12]} vs {ref['sha256'][:12]})"
+        raise AgreedError(f"ranks do not have the same {role} data: rank(s) {differ} differ from rank 0 ({what}); "
+                          "check that every node reads the same files", 2)
+    return mine
 
 
 class _PipeBarrier:

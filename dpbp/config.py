@@ -232,7 +232,8 @@ class TrainConfig:
     weight_decay: float = field(
         default=0.0,
         metadata=_meta(
-            "weight decay; decoupled (AdamW-style) for adam, L2 otherwise", min=0.0
+            "weight decay wd: L2 for sgd, momentum and rmsprop (g + wd W, as PyTorch's SGD and RMSprop); "
+            "decoupled for adam (W (1 - lr wd) first, as PyTorch's AdamW)", min=0.0
         ),
     )
     schedule: str = field(
@@ -302,33 +303,15 @@ class TrainConfig:
             min=0,
         ),
     )
-    shard_optimizer: str = field(
-        default="auto",
-        metadata=_meta(
-            "update each rank's share of the parameters and exchange them (reduce-scatter + all-gather) "
-            "instead of every rank updating all of them; auto: for momentum/rmsprop/adam when ranks "
-            "outnumber the node's cores",
-            choices=("auto", "on", "off"),
-        ),
-    )
     node_shared: str = field(
         default="auto",
         metadata=_meta(
-            "when all ranks run on one node: keep parameters, optimizer state and each rank's gradient "
-            "sum in one shared-memory window; each rank sums and updates its own span in place (no "
-            "Allreduce, no copies); auto: on one node unless shard_optimizer=on or overlap_allreduce=true",
+            "keep parameters, optimizer state and each rank's gradient sum in one shared-memory window per "
+            "node; each rank sums and updates its own span in place, and across nodes reduces only that span "
+            "with the ranks holding it on the other nodes (hierarchical); auto: wherever every node runs as "
+            "many ranks and /dev/shm has room; on: required; off: one Allreduce per step",
             choices=("auto", "on", "off"),
         ),
-    )
-    overlap_allreduce: bool = field(
-        default=False,
-        metadata=_meta(
-            "reduce the gradient in buckets started during backprop (non-blocking) instead of once after it"
-        ),
-    )
-    bucket_mb: float = field(
-        default=4.0,
-        metadata=_meta("bucket size in MiB for overlap_allreduce", min_exclusive=0),
     )
     on_nonfinite: str = field(
         default="stop",
@@ -469,15 +452,6 @@ def _check_heartbeat_timeout(cfg: Config) -> str | None:
     return f"must be 0 (off) or at least 1 second, got {t!r}"
 
 
-def _check_node_shared(cfg: Config) -> str | None:
-    t = cfg.train
-    other = ("shard_optimizer = 'on'" if t.shard_optimizer == "on"
-             else "overlap_allreduce = true" if t.overlap_allreduce else None)
-    if t.node_shared != "on" or other is None:
-        return None
-    return f"'on' replaces the MPI gradient exchange, so it cannot be combined with {other}; pick one"
-
-
 def _check_restore_best(cfg: Config) -> str | None:
     if not cfg.checkpoint.restore_best or cfg.checkpoint.keep_best:
         return None
@@ -505,11 +479,6 @@ _CROSS_CHECKS: tuple[tuple[str, str, Callable[[Config], str | None]], ...] = (
     ),
     ("train.min_lr", "must be < `train.lr`", _check_min_lr),
     ("train.heartbeat_timeout", "0 (off) or at least 1", _check_heartbeat_timeout),
-    (
-        "train.node_shared",
-        "`on` cannot be combined with `shard_optimizer = on` or `overlap_allreduce = true`",
-        _check_node_shared,
-    ),
     (
         "checkpoint.restore_best",
         "`true` needs `checkpoint.keep_best = true`",
@@ -681,8 +650,22 @@ def _guess(dotted: str) -> str | None:
     return owners[0] if owners else None
 
 
+# Keys that earlier dpbp versions had, and why they went. A config that sets one is refused with
+# the reason; a config saved by such a version (in a checkpoint or run directory) drops them.
+RETIRED = {
+    "train.shard_optimizer": "the sharded optimizer was removed: it gained nothing on one node or across "
+                             "(simulated) nodes; the hierarchical exchange (train.node_shared) shares the update "
+                             "instead (scripts/bench/README.md)",
+    "train.overlap_allreduce": "the bucketed overlapped Allreduce was removed: it gained nothing on one node or "
+                               "across (simulated) nodes (scripts/bench/README.md)",
+    "train.bucket_mb": "it sized the buckets of train.overlap_allreduce, which was removed (scripts/bench/README.md)",
+}
+
+
 def _unknown(dotted: str) -> ConfigError:
     """ConfigError for an unknown section or key, with the closest valid key if any."""
+    if dotted in RETIRED:
+        return ConfigError(dotted, f"no longer exists: {RETIRED[dotted]}; remove it from the config")
     section, _, name = dotted.partition(".")
     if section in _SECTIONS and not name:
         example = f"{section}.{next(iter(_fields(section)))}"
@@ -782,8 +765,12 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 def from_dict(d: Mapping[str, Any]) -> Config:
     """Validated Config from a nested dict (e.g. a checkpoint's saved config).
 
-    Missing sections/keys take defaults; unknown ones raise ConfigError.
+    Missing sections/keys take defaults; ``RETIRED`` keys (saved by an earlier dpbp) are
+    dropped; other unknown ones raise ConfigError.
     """
+    if isinstance(d, Mapping):
+        d = {section: ({k: v for k, v in table.items() if f"{section}.{k}" not in RETIRED}
+                       if isinstance(table, Mapping) else table) for section, table in d.items()}
     return _build(d)
 
 
