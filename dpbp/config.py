@@ -17,7 +17,11 @@ rules validation enforces and ``doc_markdown`` prints:
 * ``bool_as_str``: a boolean is accepted and stored as ``"true"`` or ``"false"``.
 
 Rules that relate two fields live in ``_CROSS_CHECKS`` together with their doc text.
-Every problem raises :class:`dpbp.errors.ConfigError` with the dotted key. Stdlib only.
+Every problem raises :class:`dpbp.errors.ConfigError` with the dotted key. The choices of the
+activations, losses, outputs, initialisations, dtypes, optimizers, schedules and normalisers
+are the names of the tables that implement them (``dpbp.ops``, ``dpbp.model``, ``dpbp.optim``,
+``dpbp.data``), so the config can allow nothing that does not exist and refuse nothing that does;
+the loss/output pairing is ``dpbp.ops.check_pairing``'s.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpbp import data as _data
+from dpbp import model as _model
+from dpbp import ops as _ops
+from dpbp import optim as _optim
 from dpbp.errors import ConfigError
 
 try:
@@ -91,13 +99,13 @@ class ModelConfig:
         default="relu",
         metadata=_meta(
             "hidden-layer activation",
-            choices=("sigmoid", "tanh", "relu", "leaky_relu", "identity"),
+            choices=_ops.HIDDEN_ACTIVATIONS,
         ),
     )
     output: str = field(
         default="softmax",
         metadata=_meta(
-            "output-layer activation", choices=("softmax", "sigmoid", "identity")
+            "output-layer activation", choices=_ops.OUTPUT_ACTIVATIONS
         ),
     )
     loss: str = field(
@@ -106,20 +114,20 @@ class ModelConfig:
             "training loss, which sets the task: cross_entropy (softmax output) classifies class labels; "
             "binary_cross_entropy (sigmoid) fits 0/1 or soft targets; mse fits numeric targets (a regression; "
             "over a softmax: class labels); mse is 1/2 sum_j (a_j - y_j)^2 per sample",
-            choices=("mse", "cross_entropy", "binary_cross_entropy"),
+            choices=_ops.LOSSES,
         ),
     )
     init: str = field(
         default="auto",
         metadata=_meta(
             "weight init; auto: he for relu-like activations, xavier otherwise",
-            choices=("auto", "he", "xavier", "normal"),
+            choices=_model.INITS,
         ),
     )
     dtype: str = field(
         default="float32",
         metadata=_meta(
-            "floating-point type of parameters and data", choices=("float32", "float64")
+            "floating-point type of parameters and data", choices=_model.DTYPES
         ),
     )
 
@@ -155,7 +163,7 @@ class DataConfig:
         default="standard",
         metadata=_meta(
             "feature normalisation, fitted in float64 on the training split before the cast to model.dtype",
-            choices=("none", "standard", "minmax"),
+            choices=_data.NORMALIZERS,
         ),
     )
     normalize_targets: str = field(
@@ -181,7 +189,7 @@ class DataConfig:
         metadata=_meta(
             "does a table's first row name its columns? auto: yes when a column holds text there and "
             "numbers below",
-            choices=("auto", "true", "false"),
+            choices=_data.HEADER_MODES,
             bool_as_str=True,
         ),
     )
@@ -202,7 +210,7 @@ class TrainConfig:
     )
     optimizer: str = field(
         default="adam",
-        metadata=_meta("update rule", choices=("sgd", "momentum", "rmsprop", "adam")),
+        metadata=_meta("update rule", choices=_optim.OPTIMIZERS),
     )
     momentum: float = field(
         default=0.9,
@@ -240,7 +248,7 @@ class TrainConfig:
         default="constant",
         metadata=_meta(
             "learning-rate schedule after warm-up",
-            choices=("constant", "step", "cosine"),
+            choices=_optim.SCHEDULES,
         ),
     )
     warmup_epochs: float = field(
@@ -282,8 +290,8 @@ class TrainConfig:
     check_sync_every: int = field(
         default=100,
         metadata=_meta(
-            "compare a parameter checksum across ranks every K steps (not needed, so skipped, "
-            "with node_shared: one copy); 0 disables", min=0
+            "compare a parameter checksum across ranks every K steps (skipped where there is one copy: "
+            "node_shared on one node); 0 disables", min=0
         ),
     )
     heartbeat_timeout: float = field(
@@ -407,27 +415,21 @@ def _fields(section: str) -> dict[str, tuple[Any, Mapping[str, Any]]]:
 
 # --- cross-field rules: (key blamed, doc text, check -> error message or None) ---
 
-_LOSS_OUTPUT = {"cross_entropy": "softmax", "binary_cross_entropy": "sigmoid"}
-
-
 def _check_loss_output(cfg: Config) -> str | None:
-    need = _LOSS_OUTPUT.get(cfg.model.loss)
-    if need is None or cfg.model.output == need:
+    allowed = _ops.LOSS_OUTPUTS[cfg.model.loss]  # the pairing rule is dpbp.ops'
+    if cfg.model.output in allowed:
         return None
-    return (
-        f"loss '{cfg.model.loss}' needs output = '{need}', got output = "
-        f"'{cfg.model.output}'; set model.output = '{need}' or use loss = 'mse'"
-    )
+    need = " or ".join(f"'{o}'" for o in allowed)
+    return (f"loss '{cfg.model.loss}' needs output = {need}, got output = '{cfg.model.output}'; "
+            f"set model.output = {need} or use loss = 'mse'")
 
 
 def _check_softmax_width(cfg: Config) -> str | None:
-    if cfg.model.output != "softmax" or not cfg.model.layers or cfg.model.layers[-1] >= 2:
-        return None
-    # A softmax over one unit is constantly 1: nothing could be learned.
-    return (
-        f"output 'softmax' needs at least 2 output units, got layers[-1] = "
-        f"{cfg.model.layers[-1]}; use output = 'sigmoid' for a single binary target"
-    )
+    try:
+        _ops.check_output_width(cfg.model.output, cfg.model.layers[-1] if cfg.model.layers else 2)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _check_target_scaling(cfg: Config) -> str | None:

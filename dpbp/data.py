@@ -57,7 +57,6 @@ from dpbp.errors import CheckpointError, DataError
 
 __all__ = [
     "HEADER_MODES",
-    "LOSSES",
     "NORMALIZERS",
     "Dataset",
     "Normalizer",
@@ -77,7 +76,6 @@ __all__ = [
     "validate",
 ]
 
-LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
 NORMALIZERS = ("none", "standard", "minmax")
 HEADER_MODES = ("auto", "true", "false")
 

@@ -69,6 +69,7 @@ class Exchange:
     name = ""  # in words, for the start-up header
     kind = ""  # the config's word for it
     copies = "per rank"  # how many copies of the parameters exist: "per rank" or "per node"
+    nodes = 1  # how many copies the checksum of train.check_sync_every compares: 1 = nothing can drift
     grad: np.ndarray
     span: tuple[int, int]  # [lo, hi) of the parameter vector this rank updates
 
@@ -130,6 +131,7 @@ class Allreduce(Exchange):
         self.span = (0, n)
         self.squares = np.zeros(model.n_layers, model.dtype)
         self.name = "single process" if comm.size == 1 else "one Allreduce per step"
+        self.nodes = comm.size  # every rank holds its own copy
 
     def combine(self, stats, vote: bool) -> Sums:
         tail = self.buf[self.span[1] :]
@@ -277,10 +279,9 @@ def choose(cfg, comm, model, optimizer) -> Exchange:
     ``train.node_shared``: ``auto`` (shared memory wherever it can run, on one node or several),
     ``on`` (required: ConfigError otherwise), ``off`` (one Allreduce per step).
     """
-    if comm.size > 1:
-        window = SharedMemory.window_elements(model, optimizer, comm.local_size) * model.dtype.itemsize
-        shared = all_or_nothing(comm, lambda: use_shared_memory(cfg.train.node_shared, comm, window),
-                                "choosing the gradient exchange")
-        if not comm.any(not shared):  # DP: shared only if every rank agrees
-            return SharedMemory(model, optimizer, comm)
+    window = SharedMemory.window_elements(model, optimizer, comm.local_size) * model.dtype.itemsize
+    shared = all_or_nothing(comm, lambda: use_shared_memory(cfg.train.node_shared, comm, window),
+                            "choosing the gradient exchange")
+    if comm.size > 1 and not comm.any(not shared):  # DP: shared only if every rank agrees
+        return SharedMemory(model, optimizer, comm)
     return Allreduce(model, comm)

@@ -22,7 +22,6 @@ import math
 
 import numpy as np
 
-OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
 # Elements per update chunk: measured best of 2^13..2^21 for Adam on 1.9M float32 parameters
 # (scripts/bench); the four vectors of a chunk (params, grads, two state) stay in L2/L3.
 CHUNK_ELEMENTS = 1 << 17
@@ -274,12 +273,15 @@ class Adam(Optimizer):
         params -= grads
 
 
+OPTIMIZER_CLASSES = {cls.name: cls for cls in (SGD, Momentum, RMSprop, Adam)}  # the config's train.optimizer
+OPTIMIZERS = tuple(OPTIMIZER_CLASSES)
+
+
 def make_optimizer(name: str, n_params: int, dtype="float32", **hyper) -> Optimizer:
     """Build an optimizer by name; ``hyper`` holds only the keywords that optimizer takes."""
-    classes = {"sgd": SGD, "momentum": Momentum, "rmsprop": RMSprop, "adam": Adam}
-    if name not in classes:
+    if name not in OPTIMIZER_CLASSES:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
-    return classes[name](n_params, dtype, **hyper)
+    return OPTIMIZER_CLASSES[name](n_params, dtype, **hyper)
 
 
 class LRSchedule:

@@ -584,9 +584,8 @@ class Trainer:
                 st.global_step += 1
                 st.step_in_epoch += 1
                 epoch_samples += int(count)
-                # DP: ranks that read one copy of the weights per node cannot drift apart
-                if (t.check_sync_every and self.exchange.copies == "per rank"
-                        and st.global_step % t.check_sync_every == 0):
+                # DP: ranks that read one copy of the weights (one node) cannot drift apart
+                if t.check_sync_every and self.exchange.nodes > 1 and st.global_step % t.check_sync_every == 0:
                     check_in_sync(self.comm, self.model.params, f"at step {st.global_step}")
                 progress.step(st.epoch, st.step_in_epoch, st.global_step, loss_sum / max(count, 1.0),
                               epoch_samples, time.perf_counter() - epoch_start)
