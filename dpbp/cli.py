@@ -684,7 +684,6 @@ def info(comm):
     echo(f"MPI library   {comm.library}")
     echo(f"ranks         {comm.size} ({comm.local_size} on this node)")
     echo(f"BLAS threads  {threads} per rank")
-    echo(f"MPI wait      {comm.wait} (DPBP_WAIT=spin|yield)")
     echo(f"watchdog      {comm.watchdog_status}")
     for lib in blas_info():
         echo(f"BLAS          {lib['library']} {lib['version']} ({lib['path']})")

@@ -43,15 +43,10 @@ class SerialComm:
     local_rank = 0
     is_root = True
     library = "none (single process)"
-    wait = "none"
 
     def allreduce_(self, buf: np.ndarray) -> np.ndarray:
         """Sum ``buf`` over ranks, in place. Here: nothing to do."""
         return buf
-
-    def iallreduce_(self, buf: np.ndarray) -> _Done:
-        """Start a non-blocking in-place sum; ``.wait()`` completes it."""
-        return _Done()
 
     def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
         return buf
@@ -71,18 +66,6 @@ class SerialComm:
 
     def barrier(self) -> None:
         pass
-
-    def waitall(self, requests) -> None:
-        pass
-
-    def reduce_scatter_(self, send: np.ndarray, recv: np.ndarray, counts: list[int]) -> np.ndarray:
-        """Sum ``send`` over ranks; this rank receives its block (``counts[rank]`` elements) in ``recv``."""
-        np.copyto(recv, send)
-        return recv
-
-    def allgather_(self, buf: np.ndarray, counts: list[int]) -> np.ndarray:
-        """In place: every rank's block (by ``counts``, in rank order) is copied to every rank."""
-        return buf
 
     def node_shared_array(self, n: int, dtype) -> np.ndarray:
         """A zeroed 1-D array of ``n`` elements shared by this node's ranks. Here: a private one."""
@@ -107,11 +90,6 @@ class SerialComm:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-
-
-class _Done:
-    def wait(self) -> None:
-        pass
 
 
 class _Activity:
@@ -157,7 +135,6 @@ class MPIComm:
         self._pipes: _PipeBarrier | None = None
         self.library = " ".join(MPI.Get_library_version().split()[:4])
         self._flag = np.zeros(1, np.int32)
-        self.wait = wait_strategy()
 
     @contextlib.contextmanager
     def _collective(self):
@@ -218,34 +195,9 @@ class MPIComm:
         return _WATCHDOG.status if _WATCHDOG is not None else "not started"
 
     def allreduce_(self, buf: np.ndarray) -> np.ndarray:
+        """Sum ``buf`` over ranks, in place (one ``MPI_Allreduce`` with ``MPI_IN_PLACE``)."""
         with self._collective():
-            if self.wait == "yield":
-                # More ranks than cores: a rank that spins inside MPI steals the core a late rank
-                # needs to finish its backprop; test-and-yield hands the core over instead.
-                req = self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
-                while not req.Test():
-                    os.sched_yield()
-            else:
-                self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
-        return buf
-
-    def iallreduce_(self, buf: np.ndarray):
-        return self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
-
-    def waitall(self, requests) -> None:
-        """Complete non-blocking collectives started with ``iallreduce_``."""
-        with self._collective():
-            self._MPI.Request.Waitall(requests)
-
-    def reduce_scatter_(self, send: np.ndarray, recv: np.ndarray, counts: list[int]) -> np.ndarray:
-        with self._collective():
-            self.comm.Reduce_scatter(send, recv, recvcounts=counts, op=self._MPI.SUM)
-        return recv
-
-    def allgather_(self, buf: np.ndarray, counts: list[int]) -> np.ndarray:
-        displs = np.concatenate([[0], np.cumsum(counts[:-1])]).tolist()
-        with self._collective():
-            self.comm.Allgatherv(self._MPI.IN_PLACE, [buf, (list(counts), displs)])
+            self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
         return buf
 
     def peers(self) -> MPIComm:
@@ -497,19 +449,6 @@ class _PipeBarrier:
             os.write(self.peers[0], b"\0")
             while not os.read(self.own, 1):
                 pass
-
-
-def wait_strategy() -> str:
-    """``spin`` (MPI's own blocking wait, the default) or ``yield`` (test, then give the core away).
-
-    ``DPBP_WAIT=yield`` opts in. Yielding was meant for more ranks than cores, but on
-    2 cores with 8 ranks it measured the same as MPICH's own wait (scripts/bench,
-    5.7-7.1k vs 6.1-7.2k samples/s), so it is not the default.
-    """
-    choice = os.environ.get("DPBP_WAIT", "spin").lower()
-    if choice not in ("spin", "yield"):
-        raise CommError(f"DPBP_WAIT must be spin or yield, not {choice!r}")
-    return choice
 
 
 def launched_by_mpi(environ=None) -> bool:

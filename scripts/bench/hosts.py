@@ -11,10 +11,9 @@ timed steps. Exchanges:
 * ``allreduce``: this checkout, ``train.node_shared=off`` (one flat Allreduce per step);
 * ``hierarchical``: this checkout's default across nodes (node-shared memory on each host, each
   rank's span reduced with its peers on the other hosts);
-* ``allreduce+yield``, ``hierarchical+yield``: the same with ``DPBP_WAIT=yield`` (MPI waits test and
-  yield the core instead of spinning), while that variable exists;
 * with ``--before DIR`` (a checkout that still has them): ``bucketed`` (``train.overlap_allreduce``),
-  ``sharded`` (``train.shard_optimizer=on``), ``yield`` (flat Allreduce with ``DPBP_WAIT=yield``) and
+  ``sharded`` (``train.shard_optimizer=on``), ``yield`` (flat Allreduce with ``DPBP_WAIT=yield``: MPI waits
+  test and yield the core instead of spinning) and
   ``before-allreduce`` (its flat Allreduce, to compare the two checkouts).
 
 Before each launch the cores' busy share over one second is recorded (``busy``: other work on
@@ -45,8 +44,6 @@ WORKER = HERE / "_dpbp_worker.py"
 VARIANTS = {  # name: (checkout: "this" or "before", dpbp overrides, environment)
     "allreduce": ("this", ["train.node_shared=off"], {}),
     "hierarchical": ("this", [], {}),
-    "allreduce+yield": ("this", ["train.node_shared=off"], {"DPBP_WAIT": "yield"}),
-    "hierarchical+yield": ("this", [], {"DPBP_WAIT": "yield"}),
     "before-allreduce": ("before", ["train.node_shared=off"], {}),
     "bucketed": ("before", ["train.overlap_allreduce=true", "train.node_shared=off"], {}),
     "sharded": ("before", ["train.shard_optimizer=on"], {}),
