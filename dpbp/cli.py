@@ -169,8 +169,10 @@ def _option_overrides(overrides, **options) -> list[str]:
 
 
 def _load_config(comm, config_file, overrides, base=None):
+    from dpbp.comm import all_or_nothing
     from dpbp.config import config_hash, load_config
-    from dpbp.train import AgreedError, all_or_nothing, check_memory
+    from dpbp.errors import AgreedError
+    from dpbp.train import check_memory
 
     cfg = all_or_nothing(comm, lambda: load_config(config_file, overrides, base=base), "reading the config")
     hashes = comm.allgather_obj(config_hash(cfg))  # DP: every rank must run the same config
@@ -226,7 +228,9 @@ def train(config_file, overrides, epochs, batch_size, lr, seed, run_dir, resume,
 def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run_dir, resume, overwrite):
     from dpbp import config as config_mod
     from dpbp import rundir
-    from dpbp.train import AgreedError, Trainer, frozen_changes
+    from dpbp.errors import AgreedError
+    from dpbp.runstate import frozen_changes
+    from dpbp.train import Trainer
 
     echo = _echo(comm)
     if resume and overwrite:
@@ -283,7 +287,7 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
          f"{'s' if trainer.threads > 1 else ''}, global batch {trainer.batch_size}, "
          f"{trainer.steps_per_epoch} steps/epoch, {cfg.train.optimizer} lr {cfg.train.lr:g}, run dir {path}")
     if comm.size > 1:
-        echo(f"  gradients: {trainer.exchange}")
+        echo(f"  gradients: {trainer.exchange.name}")
     for line in [*d.notes, *messages]:
         echo(f"  {line}")
     if point is not None:
@@ -311,7 +315,7 @@ def _metrics_text(record: dict, prefix: str) -> str:
 
 
 def _agreed(comm, fn, what: str, root_only: bool = False):
-    from dpbp.train import all_or_nothing
+    from dpbp.comm import all_or_nothing
 
     return all_or_nothing(comm, fn, what, root_only=root_only)
 
@@ -430,7 +434,7 @@ def evaluate(comm, model_path, source, label_column, header, seed, as_json):
     """
     from dpbp import data as data_mod
     from dpbp.checkpoint import load_network
-    from dpbp.train import all_or_nothing, check_data_agrees
+    from dpbp.comm import all_or_nothing, check_data_agrees
     from dpbp.train import evaluate as evaluate_model
 
     def load():
@@ -448,7 +452,8 @@ def evaluate(comm, model_path, source, label_column, header, seed, as_json):
         return model, ds, targets
 
     model, ds, targets = all_or_nothing(comm, load, "loading")
-    check_data_agrees(comm, {"evaluation": ds})  # DP: node-local copies that differ would mix two data sets
+    # DP: node-local copies that differ would mix two data sets
+    check_data_agrees(comm, {"evaluation": data_mod.dataset_digest(ds)})
     report = evaluate_model(model, ds, comm, targets)
     echo = _echo(comm)
     if as_json:
@@ -513,7 +518,7 @@ def predict(comm, model_path, input_path, output_path, drop_column, header):
 
     from dpbp import data as data_mod
     from dpbp.checkpoint import load_network
-    from dpbp.train import all_or_nothing
+    from dpbp.comm import all_or_nothing
 
     def load():
         model, inputs, targets = load_network(model_path)
@@ -678,7 +683,6 @@ def info(comm):
     echo(f"MPI library   {comm.library}")
     echo(f"ranks         {comm.size} ({comm.local_size} on this node)")
     echo(f"BLAS threads  {threads} per rank")
-    echo(f"MPI wait      {comm.wait} (DPBP_WAIT=spin|yield)")
     echo(f"watchdog      {comm.watchdog_status}")
     for lib in blas_info():
         echo(f"BLAS          {lib['library']} {lib['version']} ({lib['path']})")

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import os
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
+from dpbp.errors import AgreedError, DpbpError, TrainingError
 from dpbp.watchdog import Watchdog
 
 # Seconds MPI_Abort gets to end the job before this process exits on its own.
@@ -40,15 +43,10 @@ class SerialComm:
     local_rank = 0
     is_root = True
     library = "none (single process)"
-    wait = "none"
 
     def allreduce_(self, buf: np.ndarray) -> np.ndarray:
         """Sum ``buf`` over ranks, in place. Here: nothing to do."""
         return buf
-
-    def iallreduce_(self, buf: np.ndarray) -> _Done:
-        """Start a non-blocking in-place sum; ``.wait()`` completes it."""
-        return _Done()
 
     def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
         return buf
@@ -68,18 +66,6 @@ class SerialComm:
 
     def barrier(self) -> None:
         pass
-
-    def waitall(self, requests) -> None:
-        pass
-
-    def reduce_scatter_(self, send: np.ndarray, recv: np.ndarray, counts: list[int]) -> np.ndarray:
-        """Sum ``send`` over ranks; this rank receives its block (``counts[rank]`` elements) in ``recv``."""
-        np.copyto(recv, send)
-        return recv
-
-    def allgather_(self, buf: np.ndarray, counts: list[int]) -> np.ndarray:
-        """In place: every rank's block (by ``counts``, in rank order) is copied to every rank."""
-        return buf
 
     def node_shared_array(self, n: int, dtype) -> np.ndarray:
         """A zeroed 1-D array of ``n`` elements shared by this node's ranks. Here: a private one."""
@@ -106,11 +92,6 @@ class SerialComm:
         os._exit(code)
 
 
-class _Done:
-    def wait(self) -> None:
-        pass
-
-
 class _Activity:
     """What this process is doing, for its watchdog thread: one per process, shared by every MPIComm."""
 
@@ -128,9 +109,14 @@ def _activity() -> tuple[str, float | None]:
 
 
 class MPIComm:
-    """A communicator over mpi4py (``MPI.COMM_WORLD`` unless another is given)."""
+    """A communicator over mpi4py (``MPI.COMM_WORLD`` unless another is given).
 
-    def __init__(self, comm=None):
+    ``node_size`` (tests and benchmarks only) splits each node's ranks into groups of that
+    many, in rank order, each group then acting as a node of its own: the node-shared and
+    hierarchical exchanges run on one machine as they would across machines.
+    """
+
+    def __init__(self, comm=None, *, node_size: int | None = None):
         from mpi4py import MPI
 
         self._MPI = MPI
@@ -139,6 +125,8 @@ class MPIComm:
         self.size = self.comm.Get_size()
         self.is_root = self.rank == 0
         self._node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        if node_size is not None:  # DP: virtual nodes inside one node (a subset of a shared-memory node)
+            self._node = self._node.Split(self._node.Get_rank() // node_size, self.rank)
         self.local_size = self._node.Get_size()  # ranks on this node: sets BLAS threads per rank
         self.local_rank = self._node.Get_rank()
         self._windows: list = []
@@ -147,7 +135,6 @@ class MPIComm:
         self._pipes: _PipeBarrier | None = None
         self.library = " ".join(MPI.Get_library_version().split()[:4])
         self._flag = np.zeros(1, np.int32)
-        self.wait = wait_strategy()
 
     @contextlib.contextmanager
     def _collective(self):
@@ -208,35 +195,21 @@ class MPIComm:
         return _WATCHDOG.status if _WATCHDOG is not None else "not started"
 
     def allreduce_(self, buf: np.ndarray) -> np.ndarray:
+        """Sum ``buf`` over ranks, in place (one ``MPI_Allreduce`` with ``MPI_IN_PLACE``)."""
         with self._collective():
-            if self.wait == "yield":
-                # More ranks than cores: a rank that spins inside MPI steals the core a late rank
-                # needs to finish its backprop; test-and-yield hands the core over instead.
-                req = self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
-                while not req.Test():
-                    os.sched_yield()
-            else:
-                self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+            self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
         return buf
 
-    def iallreduce_(self, buf: np.ndarray):
-        return self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+    def peers(self) -> MPIComm:
+        """The ranks with this rank's node rank, one per node, as a communicator (collective).
 
-    def waitall(self, requests) -> None:
-        """Complete non-blocking collectives started with ``iallreduce_``."""
+        With the same number of ranks on every node, peers hold the same span of the parameter
+        vector in the node-shared exchange: reducing a span among them crosses the network once
+        per node. Rank order follows the world's.
+        """
         with self._collective():
-            self._MPI.Request.Waitall(requests)
-
-    def reduce_scatter_(self, send: np.ndarray, recv: np.ndarray, counts: list[int]) -> np.ndarray:
-        with self._collective():
-            self.comm.Reduce_scatter(send, recv, recvcounts=counts, op=self._MPI.SUM)
-        return recv
-
-    def allgather_(self, buf: np.ndarray, counts: list[int]) -> np.ndarray:
-        displs = np.concatenate([[0], np.cumsum(counts[:-1])]).tolist()
-        with self._collective():
-            self.comm.Allgatherv(self._MPI.IN_PLACE, [buf, (list(counts), displs)])
-        return buf
+            sub = self.comm.Split(self.local_rank, self.rank)
+        return MPIComm(sub)
 
     def node_shared_array(self, n: int, dtype) -> np.ndarray:
         """A zeroed 1-D array of ``n`` elements that every rank of this node maps (collective over the node).
@@ -334,6 +307,80 @@ class MPIComm:
         self.comm.Abort(code)
 
 
+# ----------------------------------------------------------------------------- agreement
+
+
+def all_or_nothing(comm, fn: Callable[[], object], what: str = "", *, root_only: bool = False):
+    """Run ``fn`` on every rank; if it fails on any rank, raise the same AgreedError on all.
+
+    Lets set-up work (reading config, data, files) fail on one node without
+    leaving the other ranks waiting in a collective. Expected errors (DpbpError)
+    keep their message and exit code; anything else is reported with its type.
+    A failure on some ranks only is prefixed with the first failing rank, unless
+    ``root_only`` (``fn`` does its work on rank 0 alone, so naming rank 0 says nothing).
+    ``what`` also names the rank's phase while ``fn`` runs (see ``comm.phase``).
+    """
+    result, failure = None, None
+    try:
+        with comm.phase(what) if what else contextlib.nullcontext():
+            result = fn()
+    except DpbpError as exc:
+        failure = (str(exc), exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - reported collectively below
+        failure = (f"{what}{': ' if what else ''}{type(exc).__name__}: {exc}", 1)
+    failures = comm.allgather_obj(failure)
+    bad = [(rank, f) for rank, f in enumerate(failures) if f is not None]
+    if bad:
+        rank, (message, code) = bad[0]
+        same_everywhere = len(bad) == comm.size and all(f == bad[0][1] for _, f in bad)
+        if comm.size > 1 and not same_everywhere and not (root_only and rank == 0):
+            message = f"rank {rank}: {message}"
+        raise AgreedError(message, code)
+    return result
+
+
+def params_digest(params: np.ndarray) -> str:
+    """Short sha256 of the parameter bytes: equal on all ranks iff the weights are identical."""
+    return hashlib.sha256(params.tobytes()).hexdigest()[:16]
+
+
+def check_in_sync(comm, params: np.ndarray, when: str) -> None:
+    """Raise TrainingError on every rank if any rank's parameters differ from rank 0's (collective)."""
+    digests = comm.allgather_obj(params_digest(params))
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise TrainingError(
+            f"ranks out of sync {when}: parameters on rank(s) {differ} differ from rank 0; "
+            "check that every rank runs the same dpbp, numpy and config"
+        )
+
+
+def check_data_agrees(comm, mine: dict[str, dict | None]) -> dict[str, dict | None]:
+    """Every rank must train on the same data: compare each rank's digests with rank 0's (collective).
+
+    ``mine``: ``{role: digest}`` with the digests of ``dpbp.data.dataset_digest`` (None: no such
+    data set). Ranks that read node-local copies of a file that differ would otherwise train
+    silently as one (same length) or wait for each other forever (different lengths). Raises
+    AgreedError (exit 2) naming the ranks and what differs; returns ``mine``.
+    """
+    everyone = comm.allgather_obj(mine)
+    for role, ref in everyone[0].items():
+        differ = [r for r, d in enumerate(everyone) if d[role] != ref]
+        if not differ:
+            continue
+        other = everyone[differ[0]][role]
+        if ref is None or other is None or other["shape"] != ref["shape"]:
+            def size(d):
+                return "none" if d is None else f"{d['rows']} rows, arrays {d['shape'][0]} and {d['shape'][1]}"
+
+            what = f"rank {differ[0]} has {size(other)}, rank 0 has {size(ref)}"
+        else:
+            what = f"same {ref['rows']} rows, different content (sha256 {other['sha256'][:12]} vs {ref['sha256'][:12]})"
+        raise AgreedError(f"ranks do not have the same {role} data: rank(s) {differ} differ from rank 0 ({what}); "
+                          "check that every node reads the same files", 2)
+    return mine
+
+
 class _PipeBarrier:
     """A barrier for the ranks of one node in which waiting ranks sleep in ``read()``.
 
@@ -402,19 +449,6 @@ class _PipeBarrier:
             os.write(self.peers[0], b"\0")
             while not os.read(self.own, 1):
                 pass
-
-
-def wait_strategy() -> str:
-    """``spin`` (MPI's own blocking wait, the default) or ``yield`` (test, then give the core away).
-
-    ``DPBP_WAIT=yield`` opts in. Yielding was meant for more ranks than cores, but on
-    2 cores with 8 ranks it measured the same as MPICH's own wait (scripts/bench,
-    5.7-7.1k vs 6.1-7.2k samples/s), so it is not the default.
-    """
-    choice = os.environ.get("DPBP_WAIT", "spin").lower()
-    if choice not in ("spin", "yield"):
-        raise CommError(f"DPBP_WAIT must be spin or yield, not {choice!r}")
-    return choice
 
 
 def launched_by_mpi(environ=None) -> bool:

@@ -17,7 +17,11 @@ rules validation enforces and ``doc_markdown`` prints:
 * ``bool_as_str``: a boolean is accepted and stored as ``"true"`` or ``"false"``.
 
 Rules that relate two fields live in ``_CROSS_CHECKS`` together with their doc text.
-Every problem raises :class:`dpbp.errors.ConfigError` with the dotted key. Stdlib only.
+Every problem raises :class:`dpbp.errors.ConfigError` with the dotted key. The choices of the
+activations, losses, outputs, initialisations, dtypes, optimizers, schedules and normalisers
+are the names of the tables that implement them (``dpbp.ops``, ``dpbp.model``, ``dpbp.optim``,
+``dpbp.data``), so the config can allow nothing that does not exist and refuse nothing that does;
+the loss/output pairing is ``dpbp.ops.check_pairing``'s.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpbp import data as _data
+from dpbp import model as _model
+from dpbp import ops as _ops
+from dpbp import optim as _optim
 from dpbp.errors import ConfigError
 
 try:
@@ -91,13 +99,13 @@ class ModelConfig:
         default="relu",
         metadata=_meta(
             "hidden-layer activation",
-            choices=("sigmoid", "tanh", "relu", "leaky_relu", "identity"),
+            choices=_ops.HIDDEN_ACTIVATIONS,
         ),
     )
     output: str = field(
         default="softmax",
         metadata=_meta(
-            "output-layer activation", choices=("softmax", "sigmoid", "identity")
+            "output-layer activation", choices=_ops.OUTPUT_ACTIVATIONS
         ),
     )
     loss: str = field(
@@ -106,20 +114,20 @@ class ModelConfig:
             "training loss, which sets the task: cross_entropy (softmax output) classifies class labels; "
             "binary_cross_entropy (sigmoid) fits 0/1 or soft targets; mse fits numeric targets (a regression; "
             "over a softmax: class labels); mse is 1/2 sum_j (a_j - y_j)^2 per sample",
-            choices=("mse", "cross_entropy", "binary_cross_entropy"),
+            choices=_ops.LOSSES,
         ),
     )
     init: str = field(
         default="auto",
         metadata=_meta(
             "weight init; auto: he for relu-like activations, xavier otherwise",
-            choices=("auto", "he", "xavier", "normal"),
+            choices=_model.INITS,
         ),
     )
     dtype: str = field(
         default="float32",
         metadata=_meta(
-            "floating-point type of parameters and data", choices=("float32", "float64")
+            "floating-point type of parameters and data", choices=_model.DTYPES
         ),
     )
 
@@ -155,7 +163,7 @@ class DataConfig:
         default="standard",
         metadata=_meta(
             "feature normalisation, fitted in float64 on the training split before the cast to model.dtype",
-            choices=("none", "standard", "minmax"),
+            choices=_data.NORMALIZERS,
         ),
     )
     normalize_targets: str = field(
@@ -181,7 +189,7 @@ class DataConfig:
         metadata=_meta(
             "does a table's first row name its columns? auto: yes when a column holds text there and "
             "numbers below",
-            choices=("auto", "true", "false"),
+            choices=_data.HEADER_MODES,
             bool_as_str=True,
         ),
     )
@@ -202,7 +210,7 @@ class TrainConfig:
     )
     optimizer: str = field(
         default="adam",
-        metadata=_meta("update rule", choices=("sgd", "momentum", "rmsprop", "adam")),
+        metadata=_meta("update rule", choices=_optim.OPTIMIZERS),
     )
     momentum: float = field(
         default=0.9,
@@ -232,14 +240,15 @@ class TrainConfig:
     weight_decay: float = field(
         default=0.0,
         metadata=_meta(
-            "weight decay; decoupled (AdamW-style) for adam, L2 otherwise", min=0.0
+            "weight decay wd: L2 for sgd, momentum and rmsprop (g + wd W, as PyTorch's SGD and RMSprop); "
+            "decoupled for adam (W (1 - lr wd) first, as PyTorch's AdamW)", min=0.0
         ),
     )
     schedule: str = field(
         default="constant",
         metadata=_meta(
             "learning-rate schedule after warm-up",
-            choices=("constant", "step", "cosine"),
+            choices=_optim.SCHEDULES,
         ),
     )
     warmup_epochs: float = field(
@@ -281,8 +290,8 @@ class TrainConfig:
     check_sync_every: int = field(
         default=100,
         metadata=_meta(
-            "compare a parameter checksum across ranks every K steps (not needed, so skipped, "
-            "with node_shared: one copy); 0 disables", min=0
+            "compare a parameter checksum across ranks every K steps (skipped where there is one copy: "
+            "node_shared on one node); 0 disables", min=0
         ),
     )
     heartbeat_timeout: float = field(
@@ -302,33 +311,15 @@ class TrainConfig:
             min=0,
         ),
     )
-    shard_optimizer: str = field(
-        default="auto",
-        metadata=_meta(
-            "update each rank's share of the parameters and exchange them (reduce-scatter + all-gather) "
-            "instead of every rank updating all of them; auto: for momentum/rmsprop/adam when ranks "
-            "outnumber the node's cores",
-            choices=("auto", "on", "off"),
-        ),
-    )
     node_shared: str = field(
         default="auto",
         metadata=_meta(
-            "when all ranks run on one node: keep parameters, optimizer state and each rank's gradient "
-            "sum in one shared-memory window; each rank sums and updates its own span in place (no "
-            "Allreduce, no copies); auto: on one node unless shard_optimizer=on or overlap_allreduce=true",
+            "keep parameters, optimizer state and each rank's gradient sum in one shared-memory window per "
+            "node; each rank sums and updates its own span in place, and across nodes reduces only that span "
+            "with the ranks holding it on the other nodes (hierarchical); auto: wherever every node runs as "
+            "many ranks and /dev/shm has room; on: required; off: one Allreduce per step",
             choices=("auto", "on", "off"),
         ),
-    )
-    overlap_allreduce: bool = field(
-        default=False,
-        metadata=_meta(
-            "reduce the gradient in buckets started during backprop (non-blocking) instead of once after it"
-        ),
-    )
-    bucket_mb: float = field(
-        default=4.0,
-        metadata=_meta("bucket size in MiB for overlap_allreduce", min_exclusive=0),
     )
     on_nonfinite: str = field(
         default="stop",
@@ -424,27 +415,21 @@ def _fields(section: str) -> dict[str, tuple[Any, Mapping[str, Any]]]:
 
 # --- cross-field rules: (key blamed, doc text, check -> error message or None) ---
 
-_LOSS_OUTPUT = {"cross_entropy": "softmax", "binary_cross_entropy": "sigmoid"}
-
-
 def _check_loss_output(cfg: Config) -> str | None:
-    need = _LOSS_OUTPUT.get(cfg.model.loss)
-    if need is None or cfg.model.output == need:
+    allowed = _ops.LOSS_OUTPUTS[cfg.model.loss]  # the pairing rule is dpbp.ops'
+    if cfg.model.output in allowed:
         return None
-    return (
-        f"loss '{cfg.model.loss}' needs output = '{need}', got output = "
-        f"'{cfg.model.output}'; set model.output = '{need}' or use loss = 'mse'"
-    )
+    need = " or ".join(f"'{o}'" for o in allowed)
+    return (f"loss '{cfg.model.loss}' needs output = {need}, got output = '{cfg.model.output}'; "
+            f"set model.output = {need} or use loss = 'mse'")
 
 
 def _check_softmax_width(cfg: Config) -> str | None:
-    if cfg.model.output != "softmax" or not cfg.model.layers or cfg.model.layers[-1] >= 2:
-        return None
-    # A softmax over one unit is constantly 1: nothing could be learned.
-    return (
-        f"output 'softmax' needs at least 2 output units, got layers[-1] = "
-        f"{cfg.model.layers[-1]}; use output = 'sigmoid' for a single binary target"
-    )
+    try:
+        _ops.check_output_width(cfg.model.output, cfg.model.layers[-1] if cfg.model.layers else 2)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _check_target_scaling(cfg: Config) -> str | None:
@@ -467,15 +452,6 @@ def _check_heartbeat_timeout(cfg: Config) -> str | None:
         return None
     # Under a second, a busy node's scheduling delays would pass for dead ranks.
     return f"must be 0 (off) or at least 1 second, got {t!r}"
-
-
-def _check_node_shared(cfg: Config) -> str | None:
-    t = cfg.train
-    other = ("shard_optimizer = 'on'" if t.shard_optimizer == "on"
-             else "overlap_allreduce = true" if t.overlap_allreduce else None)
-    if t.node_shared != "on" or other is None:
-        return None
-    return f"'on' replaces the MPI gradient exchange, so it cannot be combined with {other}; pick one"
 
 
 def _check_restore_best(cfg: Config) -> str | None:
@@ -505,11 +481,6 @@ _CROSS_CHECKS: tuple[tuple[str, str, Callable[[Config], str | None]], ...] = (
     ),
     ("train.min_lr", "must be < `train.lr`", _check_min_lr),
     ("train.heartbeat_timeout", "0 (off) or at least 1", _check_heartbeat_timeout),
-    (
-        "train.node_shared",
-        "`on` cannot be combined with `shard_optimizer = on` or `overlap_allreduce = true`",
-        _check_node_shared,
-    ),
     (
         "checkpoint.restore_best",
         "`true` needs `checkpoint.keep_best = true`",
@@ -681,8 +652,22 @@ def _guess(dotted: str) -> str | None:
     return owners[0] if owners else None
 
 
+# Keys that earlier dpbp versions had, and why they went. A config that sets one is refused with
+# the reason; a config saved by such a version (in a checkpoint or run directory) drops them.
+RETIRED = {
+    "train.shard_optimizer": "the sharded optimizer was removed: it gained nothing on one node or across "
+                             "(simulated) nodes; the hierarchical exchange (train.node_shared) shares the update "
+                             "instead (scripts/bench/README.md)",
+    "train.overlap_allreduce": "the bucketed overlapped Allreduce was removed: it gained nothing on one node or "
+                               "across (simulated) nodes (scripts/bench/README.md)",
+    "train.bucket_mb": "it sized the buckets of train.overlap_allreduce, which was removed (scripts/bench/README.md)",
+}
+
+
 def _unknown(dotted: str) -> ConfigError:
     """ConfigError for an unknown section or key, with the closest valid key if any."""
+    if dotted in RETIRED:
+        return ConfigError(dotted, f"no longer exists: {RETIRED[dotted]}; remove it from the config")
     section, _, name = dotted.partition(".")
     if section in _SECTIONS and not name:
         example = f"{section}.{next(iter(_fields(section)))}"
@@ -783,8 +768,12 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 def from_dict(d: Mapping[str, Any]) -> Config:
     """Validated Config from a nested dict (e.g. a checkpoint's saved config).
 
-    Missing sections/keys take defaults; unknown ones raise ConfigError.
+    Missing sections/keys take defaults; ``RETIRED`` keys (saved by an earlier dpbp) are
+    dropped; other unknown ones raise ConfigError.
     """
+    if isinstance(d, Mapping):
+        d = {section: ({k: v for k, v in table.items() if f"{section}.{k}" not in RETIRED}
+                       if isinstance(table, Mapping) else table) for section, table in d.items()}
     return _build(d)
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import math
 import os
 import re
@@ -56,7 +57,6 @@ from dpbp.errors import CheckpointError, DataError
 
 __all__ = [
     "HEADER_MODES",
-    "LOSSES",
     "NORMALIZERS",
     "Dataset",
     "Normalizer",
@@ -64,6 +64,7 @@ __all__ = [
     "builtin_bytes",
     "builtin_names",
     "check_memory",
+    "dataset_digest",
     "epoch_permutation",
     "gather_rows",
     "load_features",
@@ -75,7 +76,6 @@ __all__ = [
     "validate",
 ]
 
-LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
 NORMALIZERS = ("none", "standard", "minmax")
 HEADER_MODES = ("auto", "true", "false")
 
@@ -862,6 +862,20 @@ def validate(ds: Dataset, *, n_in: int, n_out: int, role: str = "train") -> None
             raise DataError(f"{pre}y has {int(bad.sum())} NaN/Inf values, first at {ds.row_name(row)}")
     else:
         raise DataError(f"{pre}expected y of shape (n,) or (n, k), found {y.shape}")
+
+
+def dataset_digest(ds: Dataset | None, *extra: np.ndarray) -> dict | None:
+    """Row count, shapes and sha256 (32 hex digits) of a data set's arrays (and of ``extra`` arrays).
+
+    None for no data set. Equal digests mean equal arrays; the bytes are hashed in place (no copy
+    for contiguous arrays). For ``dpbp.comm.check_data_agrees``.
+    """
+    if ds is None:
+        return None
+    h = hashlib.sha256()
+    for a in (ds.x, ds.y, *extra):
+        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+    return {"rows": ds.n_samples, "shape": [list(ds.x.shape), list(ds.y.shape)], "sha256": h.hexdigest()[:32]}
 
 
 # --------------------------------------------------------------------------- split, scaling

@@ -38,3 +38,24 @@ class SaveError(DpbpError):
     """A file could not be written (full disk, read-only or missing folder)."""
 
     exit_code = 1
+
+
+class TrainingError(DpbpError):
+    """Training cannot continue (non-finite numbers, ranks out of sync).
+
+    Raised only from values every rank shares (reduced sums, gathered digests),
+    so all ranks raise it together.
+    """
+
+    exit_code = 3
+    collective = True
+
+
+class AgreedError(DpbpError):
+    """An error raised on one or more ranks and agreed on by all (see ``dpbp.comm.all_or_nothing``)."""
+
+    collective = True
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

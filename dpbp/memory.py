@@ -187,8 +187,8 @@ def _model_parts(sizes: list[int], itemsize: int, state_vectors: int, rows: int)
 
     n = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
     weights = [a * b for a, b in zip(sizes[:-1], sizes[1:])]
-    drawing = 2 * n * itemsize + 8 * max(w + prev for w, prev in zip(weights, [0, *weights]))
-    vectors = ((3 + state_vectors) * n + 4 + (min(n, CHUNK_ELEMENTS) if state_vectors else 0)) * itemsize
+    drawing = n * itemsize + 8 * max(w + prev for w, prev in zip(weights, [0, *weights]))
+    vectors = ((2 + state_vectors) * n + 4 + (min(n, CHUNK_ELEMENTS) if state_vectors else 0)) * itemsize
     activations = workspace_bytes(sizes, rows, itemsize) + rows * (sizes[0] * itemsize + 8)  # + the shard's rows
     return n, drawing, vectors, activations
 
@@ -196,12 +196,12 @@ def _model_parts(sizes: list[int], itemsize: int, state_vectors: int, rows: int)
 def model_bytes(sizes: list[int], itemsize: int, state_vectors: int, rows: int, ranks: int = 1) -> int:
     """Bytes of memory training an MLP of ``sizes`` takes on one node, before it allocates any.
 
-    Per rank: parameters, the model's gradient, the trainer's reduction buffer (the
-    gradient plus four numbers), ``state_vectors`` optimizer state vectors (Adam 2,
+    Per rank: parameters, the exchange's gradient buffer (the gradient sum plus four
+    numbers), ``state_vectors`` optimizer state vectors (Adam 2,
     momentum and RMSprop 1, SGD 0) and one chunk of optimizer scratch; the activation
     buffers and the copied rows of one training shard of ``rows`` rows. While the
-    weights are drawn (float64: this layer's draw and the previous layer's) only
-    parameters and gradient exist, so that is a separate peak. Times ``ranks`` on the
+    weights are drawn (float64: this layer's draw and the previous layer's) only the
+    parameters exist, so that is a separate peak. Times ``ranks`` on the
     node, plus, for several ranks, the node-shared window's copy of the parameters and
     optimizer state. Not counted: evaluation's activations (chunks of up to
     model.EVAL_CHUNK rows), the data, the interpreter and its libraries.

@@ -109,8 +109,7 @@ class MLP:
                 f"unknown activation {activation!r}; expected one of {', '.join(ops.HIDDEN_ACTIVATIONS)}"
             )
         self.task = ops.task_of(output=output, loss=loss)  # also checks the pairing
-        if output == "softmax" and self.sizes[-1] < 2:
-            raise ValueError("a softmax output needs at least 2 units; use a sigmoid output for one unit")
+        ops.check_output_width(output, self.sizes[-1])
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
         if np.dtype(dtype).name not in DTYPES:
@@ -121,7 +120,6 @@ class MLP:
         self.n_layers = len(self.sizes) - 1
         self.n_params = sum((i + 1) * o for i, o in zip(self.sizes[:-1], self.sizes[1:]))
         self._params = np.zeros(self.n_params, self.dtype)
-        self._grads = np.zeros(self.n_params, self.dtype)
         self.weights, self.biases = self.layer_views(self._params)
         self._init_weights(seed)
         self._workspaces: dict[int, _Workspace] = {}
@@ -132,11 +130,6 @@ class MLP:
     def params(self) -> np.ndarray:
         """The flat parameter vector (write into it in place; it cannot be rebound)."""
         return self._params
-
-    @property
-    def grads(self) -> np.ndarray:
-        """The model's own flat gradient buffer, same layout as ``params``."""
-        return self._grads
 
     def move_params(self, buf: np.ndarray, *, copy: bool = True) -> None:
         """Keep the parameters in ``buf`` (``(n_params,)``, model dtype) from now on; layer views follow.
@@ -302,14 +295,14 @@ class MLP:
                 on_layer_ready(l)  # DP: lets the trainer start reducing this layer early
 
     def loss_and_grad_sum(
-        self, X: np.ndarray, y: np.ndarray, out: np.ndarray | None = None, *,
+        self, X: np.ndarray, y: np.ndarray, out: np.ndarray, *,
         check: bool = True, on_layer_ready: Callable[[int], None] | None = None,
         on_forward_done: Callable[[BatchStats], None] | None = None,
     ) -> BatchStats:
         """Forward and backprop over the given rows, as SUMS (the data-parallel form).
 
-        Writes sum_i dL_i/dparams into ``out`` (default: ``self.grads``), a flat
-        buffer with the ``params`` layout, without any intermediate parameter-sized
+        Writes sum_i dL_i/dparams into ``out`` (``(n_params,)``, model dtype: the caller's
+        buffer, e.g. the exchange's), in the ``params`` layout, without any intermediate parameter-sized
         copy. Returns the loss sum, the number of correct predictions and the row
         count. Zero rows give a zero gradient and zero sums. ``check=False`` skips
         input validation (for callers that validated the whole data set once).
@@ -318,8 +311,6 @@ class MLP:
         final (layers arrive last to first): together they let a caller start
         reducing early parts of the gradient while backprop continues.
         """
-        if out is None:
-            out = self._grads
         if out.shape != (self.n_params,) or out.dtype != self.dtype:
             raise ValueError(f"out must be a ({self.n_params},) {self.dtype} array")
         y = np.asarray(y)
@@ -348,8 +339,9 @@ class MLP:
         X = self._as_input(X)
         if X.shape[0] == 0:
             raise ValueError("X has no rows: the mean loss of an empty batch is undefined")
-        stats = self.loss_and_grad_sum(X, y, self._grads)
-        grad = self._grads / self.dtype.type(stats.n)
+        grad = np.empty(self.n_params, self.dtype)
+        stats = self.loss_and_grad_sum(X, y, grad)
+        grad /= self.dtype.type(stats.n)
         return stats.loss_sum / stats.n, grad
 
     def predict(self, X: np.ndarray) -> np.ndarray:

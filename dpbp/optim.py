@@ -22,7 +22,6 @@ import math
 
 import numpy as np
 
-OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
 # Elements per update chunk: measured best of 2^13..2^21 for Adam on 1.9M float32 parameters
 # (scripts/bench); the four vectors of a chunk (params, grads, two state) stay in L2/L3.
 CHUNK_ELEMENTS = 1 << 17
@@ -44,70 +43,80 @@ def all_finite(x: np.ndarray) -> bool:
         return math.isfinite(float(np.dot(x, x))) or bool(np.isfinite(x).all())
 
 
-class NonFiniteGradient(ArithmeticError):
-    """The gradient chunk starting at flat index ``start`` holds NaN or Inf."""
-
-    def __init__(self, start: int):
-        super().__init__(f"non-finite gradient in the chunk starting at parameter {start}")
-        self.start = start
-
-
 class Optimizer:
-    """Base class: ``step(params, grads, lr)`` and exact state round-trips."""
+    """Base class: ``step(params, grads, lr)`` and exact state round-trips.
+
+    ``weight_decay`` (wd >= 0) follows PyTorch: for sgd, momentum and rmsprop it is L2
+    regularisation, ``g <- g + wd * W`` before the update (``torch.optim.SGD``/``RMSprop``
+    with ``weight_decay``); for adam it is decoupled, ``W <- W (1 - lr wd)`` before the Adam
+    step (``torch.optim.AdamW``).
+    """
 
     name = ""
     state_names: tuple[str, ...] = ()
+    decoupled = False  # weight decay applied to W directly (AdamW) instead of added to the gradient (L2)
 
-    def __init__(self, n_params: int, dtype="float32"):
+    def __init__(self, n_params: int, dtype="float32", weight_decay: float = 0.0):
         self.n_params = int(n_params)
         self.dtype = np.dtype(dtype)
         self.t = 0  # updates applied so far
         self.state = {k: np.zeros(self.n_params, self.dtype) for k in self.state_names}
+        self.weight_decay = float(weight_decay)
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         # A chunk whose dot(g, g) is at most this takes the in-place path (see ``step``).
         self.safe_squares = float(np.finfo(self.dtype).max) / 2
+        self._l2 = self.weight_decay > 0 and not self.decoupled
+        # scratch: one chunk (rmsprop's g^2, the L2 term wd * W)
+        self._scratch = (np.empty(min(self.n_params, CHUNK_ELEMENTS), self.dtype)
+                         if self._l2 or self.needs_scratch else None)
+
+    needs_scratch = False
 
     def step(self, params: np.ndarray, grads: np.ndarray, lr: float, *, grad_scale: float = 1.0,
-             check_finite: bool = False, span: tuple[int, int] | None = None) -> None:
+             span: tuple[int, int] | None = None, squares: float | None = None) -> None:
         """Apply one update in place. ``grads`` (times ``grad_scale``) is the batch-mean gradient; clobbered.
 
+        ``params``: ``(n_params,)``; ``grads``: ``(hi - lo,)`` for ``span=(lo, hi)`` (default the
+        whole vector), both of the optimizer's dtype. Updates ``params[lo:hi]`` and that part
+        of the state (a rank updating its own span of shared parameters), increments ``t``.
         Works through the vectors in cache-sized chunks: an update is a dozen
         element-wise passes, and doing all of them (including the scaling of a
         gradient sum into a mean) on a chunk while it sits in cache, instead of
         streaming every pass through memory, makes Adam about twice as fast.
-        ``check_finite`` raises NonFiniteGradient before applying a chunk whose
-        gradient holds NaN/Inf; chunks already applied stay applied, so use it only
-        where a non-finite gradient ends training.
-        Each chunk's ``dot(g, g)`` (one BLAS pass, also the NaN/Inf check) picks the
-        path: at most half the dtype's max, the update runs in place in the working
-        dtype, where no state can overflow (each is ``b * state + x`` with ``b < 1`` and
-        ``|x|`` at most ``(1 - b) * max / 2`` or far below); larger, NaN or Inf, in
-        ``WIDER[dtype]`` with the state saturated (see the module docstring).
-        ``span=(lo, hi)`` updates only ``params[lo:hi]`` (and that part of the state)
-        from ``grads`` of length ``hi - lo``: a sharded optimizer, where each rank
-        updates its own span and the ranks then exchange parameters.
+        Each chunk's ``dot(g, g)`` (one BLAS pass) picks the path: at most half the
+        dtype's max, the update runs in place in the working dtype, where no state can
+        overflow (each is ``b * state + x`` with ``b < 1`` and ``|x|`` at most
+        ``(1 - b) * max / 2`` or far below); larger, NaN or Inf, in ``WIDER[dtype]`` with
+        the state saturated (see the module docstring). ``squares``: the squared norm of
+        ``grads * grad_scale`` when the caller knows it already (the trainer's per-layer
+        norms): at most half the dtype's max, no chunk can exceed it and the dots are skipped.
         """
         lo, hi = span if span is not None else (0, self.n_params)
         if params.shape != (self.n_params,) or grads.shape != (hi - lo,) or not 0 <= lo <= hi <= self.n_params:
             raise ValueError(f"params must have shape ({self.n_params},) and grads ({hi - lo},)")
         self.t += 1
-        lr, scale = float(lr), float(grad_scale)
+        lr, scale, wd = float(lr), float(grad_scale), self.weight_decay
+        known_safe = not self._l2 and squares is not None and squares <= self.safe_squares  # False for NaN
         for start in range(lo, hi, CHUNK_ELEMENTS):
             part = slice(start, min(start + CHUNK_ELEMENTS, hi))
             g = grads[start - lo : part.stop - lo]
+            p = params[part]
+            scratch = self._scratch[: g.shape[0]] if self._scratch is not None else None
             if scale != 1.0:
                 g *= scale
-            with np.errstate(over="ignore", invalid="ignore"):
-                squares = float(np.dot(g, g))  # NaN/Inf: a NaN/Inf entry, or a square beyond the dtype
+            if self._l2:  # g <- g + wd W
+                with np.errstate(over="ignore", invalid="ignore"):
+                    np.multiply(p, wd, out=scratch)
+                    g += scratch
+            if not known_safe:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    chunk_squares = float(np.dot(g, g))  # NaN/Inf: a NaN/Inf entry, or a square beyond the dtype
             state = {k: v[part] for k, v in self.state.items()}
-            if squares <= self.safe_squares:  # False for NaN
-                scratch = self._scratch[: g.shape[0]] if self._scratch is not None else None
-                self._update(params[part], g, lr, state, scratch)
-            elif check_finite and not bool(np.isfinite(g).all()):
-                raise NonFiniteGradient(start)
+            if known_safe or chunk_squares <= self.safe_squares:  # False for NaN
+                self._update(p, g, lr, state, scratch)
             else:
-                self._update_wide(params[part], g, lr, state)
-
-    _scratch: np.ndarray | None = None
+                self._update_wide(p, g, lr, state)
 
     def _update(self, params: np.ndarray, grads: np.ndarray, lr: float, state: dict, scratch) -> None:
         """Update one chunk: ``params``/``grads``/``state`` values/``scratch`` are aligned slices.
@@ -172,7 +181,7 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    """Plain gradient descent: W <- W - lr * dL/dW."""
+    """Plain gradient descent: W <- W - lr * g (g: dL/dW, plus wd W with weight decay)."""
 
     name = "sgd"
 
@@ -182,13 +191,14 @@ class SGD(Optimizer):
 
 
 class Momentum(Optimizer):
-    """Heavy-ball momentum v <- mu v + g; W <- W - lr v (Nesterov: W <- W - lr (g + mu v))."""
+    """Heavy-ball momentum v <- mu v + g; W <- W - lr v (Nesterov: W <- W - lr (g + mu v)); PyTorch's SGD."""
 
     name = "momentum"
     state_names = ("velocity",)
 
-    def __init__(self, n_params, dtype="float32", momentum: float = 0.9, nesterov: bool = False):
-        super().__init__(n_params, dtype)
+    def __init__(self, n_params, dtype="float32", momentum: float = 0.9, nesterov: bool = False,
+                 weight_decay: float = 0.0):
+        super().__init__(n_params, dtype, weight_decay)
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
 
     def _update(self, params, grads, lr, state, scratch):
@@ -205,15 +215,15 @@ class Momentum(Optimizer):
 
 
 class RMSprop(Optimizer):
-    """s <- rho s + (1 - rho) g^2; W <- W - lr g / (sqrt(s) + eps)."""
+    """s <- rho s + (1 - rho) g^2; W <- W - lr g / (sqrt(s) + eps) (PyTorch's RMSprop, alpha = rho)."""
 
     name = "rmsprop"
     state_names = ("square_avg",)
+    needs_scratch = True  # one chunk's g^2
 
-    def __init__(self, n_params, dtype="float32", rho: float = 0.9, eps: float = 1e-8):
-        super().__init__(n_params, dtype)
+    def __init__(self, n_params, dtype="float32", rho: float = 0.9, eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(n_params, dtype, weight_decay)
         self.rho, self.eps = float(rho), float(eps)
-        self._scratch = np.empty(min(self.n_params, CHUNK_ELEMENTS), self.dtype)  # one chunk's g^2
 
     def _update(self, params, grads, lr, state, scratch):
         s, tmp = state["square_avg"], scratch
@@ -233,12 +243,12 @@ class Adam(Optimizer):
 
     name = "adam"
     state_names = ("m", "v")
+    decoupled = True
 
     def __init__(self, n_params, dtype="float32", beta1: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(n_params, dtype)
+        super().__init__(n_params, dtype, weight_decay)
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
-        self.weight_decay = float(weight_decay)
 
     def _update(self, params, grads, lr, state, scratch):
         m, v = state["m"], state["v"]
@@ -263,12 +273,15 @@ class Adam(Optimizer):
         params -= grads
 
 
+OPTIMIZER_CLASSES = {cls.name: cls for cls in (SGD, Momentum, RMSprop, Adam)}  # the config's train.optimizer
+OPTIMIZERS = tuple(OPTIMIZER_CLASSES)
+
+
 def make_optimizer(name: str, n_params: int, dtype="float32", **hyper) -> Optimizer:
     """Build an optimizer by name; ``hyper`` holds only the keywords that optimizer takes."""
-    classes = {"sgd": SGD, "momentum": Momentum, "rmsprop": RMSprop, "adam": Adam}
-    if name not in classes:
+    if name not in OPTIMIZER_CLASSES:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
-    return classes[name](n_params, dtype, **hyper)
+    return OPTIMIZER_CLASSES[name](n_params, dtype, **hyper)
 
 
 class LRSchedule:

@@ -1,17 +1,13 @@
-"""The training loop: the only place where model, optimizer, communicator and data meet.
+"""The training loop: the only place where model, optimizer, exchange and data meet.
 
-One step (every rank): take this rank's contiguous shard of the global batch,
-forward + backprop it into the gradient SUM, append (loss sum, row count, correct
-count), one in-place ``Allreduce`` over that single buffer, divide by the global
-row count, apply the same update. Every rank then holds the same parameters, and
-N ranks train the same model as 1 rank up to float rounding, uneven shards
-included (each rank contributes sums; the division happens once, globally).
-
-On one node (``train.node_shared``) the same sums are combined through shared
-memory instead: each rank writes its gradient sum into its own slot of one
-node-shared window, every rank adds up all slots over its own span of the
-parameter vector and updates that span of the single shared copy of the
-parameters and optimizer state; node barriers separate the phases.
+One step (every rank) is the seed's four parts: (1) zero and (2) forward + backprop this
+rank's contiguous shard of the global batch into the gradient SUM, (3) combine the sums
+(gradient, loss, row count, correct count, stop vote) across ranks, (4) divide once by
+the global row count and apply the same eta update. N ranks then train the same model as
+1 rank up to float rounding, uneven shards included. How (3) and (4) travel between ranks
+(one Allreduce, node-shared memory, hierarchical across nodes) is ``dpbp.exchange``'s
+business; what to do with the sums (the NaN/Inf rule, the stop vote, the diagnostics,
+the learning rate) is decided here, once.
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import hashlib
 import inspect
 import json
 import math
@@ -35,130 +30,28 @@ import numpy as np
 from dpbp import checkpoint as ckpt
 from dpbp import config as config_mod
 from dpbp import data as data_mod
-from dpbp import memory, ops
+from dpbp import exchange as exchange_mod
+from dpbp import memory, ops, runstate
 from dpbp import metrics as metrics_mod
 from dpbp import rundir as rundir_mod
 from dpbp.checkpoint import save_model
+from dpbp.comm import all_or_nothing, check_data_agrees, check_in_sync
 from dpbp.config import Config
-from dpbp.errors import CheckpointError, ConfigError, DataError, DpbpError, SaveError
+from dpbp.errors import AgreedError, ConfigError, DataError, DpbpError, SaveError, TrainingError
 from dpbp.model import MLP
-from dpbp.optim import CHUNK_ELEMENTS, LRSchedule, NonFiniteGradient, Optimizer, all_finite, make_optimizer
+from dpbp.optim import LRSchedule, Optimizer, all_finite, make_optimizer
 from dpbp.progress import Progress
+from dpbp.runstate import FROZEN_ON_RESUME, TrainState, frozen_changes
 from dpbp.signals import PREEMPTED_EXIT_CODE
 from dpbp.targets import Targets
 from dpbp.threads import configure_blas_threads
 
-
-class TrainingError(DpbpError):
-    """Training cannot continue (non-finite numbers, ranks out of sync).
-
-    Raised only from values every rank shares (reduced sums, gathered digests),
-    so all ranks raise it together.
-    """
-
-    exit_code = 3
-    collective = True
-
-
-# ----------------------------------------------------------------------------- agreement
-
-
-class AgreedError(DpbpError):
-    """An error raised on one or more ranks and agreed on by all (see ``all_or_nothing``)."""
-
-    collective = True
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def all_or_nothing(comm, fn: Callable[[], object], what: str = "", *, root_only: bool = False):
-    """Run ``fn`` on every rank; if it fails on any rank, raise the same AgreedError on all.
-
-    Lets set-up work (reading config, data, files) fail on one node without
-    leaving the other ranks waiting in a collective. Expected errors (DpbpError)
-    keep their message and exit code; anything else is reported with its type.
-    A failure on some ranks only is prefixed with the first failing rank, unless
-    ``root_only`` (``fn`` does its work on rank 0 alone, so naming rank 0 says nothing).
-    ``what`` also names the rank's phase while ``fn`` runs (see ``comm.phase``).
-    """
-    result, failure = None, None
-    try:
-        with comm.phase(what) if what else contextlib.nullcontext():
-            result = fn()
-    except DpbpError as exc:
-        failure = (str(exc), exc.exit_code)
-    except Exception as exc:  # noqa: BLE001 - reported collectively below
-        failure = (f"{what}{': ' if what else ''}{type(exc).__name__}: {exc}", 1)
-    failures = comm.allgather_obj(failure)
-    bad = [(rank, f) for rank, f in enumerate(failures) if f is not None]
-    if bad:
-        rank, (message, code) = bad[0]
-        same_everywhere = len(bad) == comm.size and all(f == bad[0][1] for _, f in bad)
-        if comm.size > 1 and not same_everywhere and not (root_only and rank == 0):
-            message = f"rank {rank}: {message}"
-        raise AgreedError(message, code)
-    return result
-
-
-def params_digest(params: np.ndarray) -> str:
-    """Short sha256 of the parameter bytes: equal on all ranks iff the weights are identical."""
-    return hashlib.sha256(params.tobytes()).hexdigest()[:16]
-
-
-def check_in_sync(comm, params: np.ndarray, when: str) -> None:
-    """Raise TrainingError on every rank if any rank's parameters differ from rank 0's."""
-    digests = comm.allgather_obj(params_digest(params))
-    differ = [r for r, d in enumerate(digests) if d != digests[0]]
-    if differ:
-        raise TrainingError(
-            f"ranks out of sync {when}: parameters on rank(s) {differ} differ from rank 0; "
-            "check that every rank runs the same dpbp, numpy and config"
-        )
-
-
-def dataset_digest(ds: data_mod.Dataset | None, *extra: np.ndarray) -> dict | None:
-    """Shape and sha256 (32 hex digits) of a data set's arrays (and of ``extra`` arrays); None for no data set."""
-    if ds is None:
-        return None
-    h = hashlib.sha256()
-    for a in (ds.x, ds.y, *extra):
-        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))  # the bytes themselves: no copy
-    return {"rows": ds.n_samples, "shape": [list(ds.x.shape), list(ds.y.shape)], "sha256": h.hexdigest()[:32]}
-
-
-def check_data_agrees(comm, data: PreparedData | dict[str, data_mod.Dataset | None]) -> dict[str, dict | None]:
-    """Every rank must train on the same data: compare each rank's digests with rank 0's (collective).
-
-    Ranks that read node-local copies of a file that differ would otherwise train silently as
-    one (same length) or wait for each other forever (different lengths). Raises AgreedError
-    (exit 2) naming the ranks and what differs; returns this rank's digests. ``data``: the
-    prepared training data, or ``{role: data set}`` (e.g. what ``dpbp evaluate`` reads).
-    """
-    if isinstance(data, PreparedData):
-        # The statistics fitted on the training data go into its digest: normalising hides an offset of the raw data.
-        fitted = [*data.normalizer.to_arrays().values(), *data.targets.to_arrays().values()]
-        roles = {"train": (data.train, fitted), "validation": (data.val, ()), "test": (data.test, ())}
-    else:
-        roles = {role: (ds, ()) for role, ds in data.items()}
-    mine = {role: dataset_digest(ds, *extra) for role, (ds, extra) in roles.items()}
-    everyone = comm.allgather_obj(mine)
-    for role, ref in everyone[0].items():
-        differ = [r for r, d in enumerate(everyone) if d[role] != ref]
-        if not differ:
-            continue
-        other = everyone[differ[0]][role]
-        if ref is None or other is None or other["shape"] != ref["shape"]:
-            def size(d):
-                return "none" if d is None else f"{d['rows']} rows, arrays {d['shape'][0]} and {d['shape'][1]}"
-
-            what = f"rank {differ[0]} has {size(other)}, rank 0 has {size(ref)}"
-        else:
-            what = f"same {ref['rows']} rows, different content (sha256 {other['sha256'][:12]} vs {ref['sha256'][:12]})"
-        raise AgreedError(f"ranks do not have the same {role} data: rank(s) {differ} differ from rank 0 ({what}); "
-                          "check that every node reads the same files", 2)
-    return mine
+__all__ = [  # the agreement helpers and run-state names live in comm.py and runstate.py; imported from here too
+    "FROZEN_ON_RESUME", "AgreedError", "PreparedData", "Preempted", "TrainResult", "TrainState", "Trainer",
+    "TrainingError", "all_or_nothing", "append_metrics", "build_model", "build_optimizer", "build_schedule",
+    "check_data_agrees", "check_in_sync", "check_memory", "evaluate", "frozen_changes", "model_sizes",
+    "prepare_data",
+]
 
 
 def in_phase(name: str):
@@ -200,6 +93,15 @@ class PreparedData:
     targets: Targets
     sizes: list[int]
     notes: list[str] = field(default_factory=list)
+
+    def digests(self) -> dict[str, dict | None]:
+        """``{role: dpbp.data.dataset_digest}`` for train, validation and test (see ``comm.check_data_agrees``).
+
+        The statistics fitted on the training data go into its digest: normalising hides an offset of the raw data.
+        """
+        fitted = [*self.normalizer.to_arrays().values(), *self.targets.to_arrays().values()]
+        return {"train": data_mod.dataset_digest(self.train, *fitted),
+                "validation": data_mod.dataset_digest(self.val), "test": data_mod.dataset_digest(self.test)}
 
 
 def target_normalizer(cfg: Config) -> str:
@@ -348,14 +250,15 @@ def build_model(cfg: Config, sizes: list[int]) -> MLP:
 
 
 def build_optimizer(cfg: Config, model: MLP) -> Optimizer:
+    """The configured optimizer for ``model``'s flat parameters (weight decay: L2, or decoupled for adam)."""
     t = cfg.train
     hyper = {
         "sgd": {},
         "momentum": {"momentum": t.momentum, "nesterov": t.nesterov},
         "rmsprop": {"rho": t.rho, "eps": t.eps},
-        "adam": {"beta1": t.beta1, "beta2": t.beta2, "eps": t.eps, "weight_decay": t.weight_decay},
+        "adam": {"beta1": t.beta1, "beta2": t.beta2, "eps": t.eps},
     }[t.optimizer]
-    return make_optimizer(t.optimizer, model.n_params, model.dtype, **hyper)
+    return make_optimizer(t.optimizer, model.n_params, model.dtype, weight_decay=t.weight_decay, **hyper)
 
 
 def build_schedule(cfg: Config, steps_per_epoch: int) -> LRSchedule:
@@ -485,45 +388,6 @@ class Preempted(DpbpError):
     collective = True
 
 
-# Changing these between a checkpoint and its resume would change the data order or the model.
-FROZEN_ON_RESUME = ("model.", "data.train", "data.val", "data.val_fraction", "data.normalize",
-                    "data.label_column", "data.header", "train.batch_size", "train.seed", "train.shuffle",
-                    "train.optimizer")
-
-
-@dataclass
-class TrainState:
-    """Everything global needed to continue a run exactly (no per-rank iterators).
-
-    The shuffle is a pure function of (seed, epoch) and the learning rate of the
-    global step, so this plus parameters and optimizer state is the whole run.
-    """
-
-    epoch: int = 0  # 0-based epoch in progress
-    step_in_epoch: int = 0  # next step inside that epoch
-    global_step: int = 0  # updates applied so far
-    best_val_loss: float = math.inf
-    epochs_since_best: int = 0
-    epoch_loss_sum: float = 0.0  # running train sums of the epoch in progress
-    epoch_correct: float = 0.0
-    epoch_count: float = 0.0
-    stopped: str = ""  # "early_stopping" once early stopping fired
-    grad_norm_sums: list = field(default_factory=list)  # per-layer ||dL/dW|| summed over sampled steps
-    grad_norm_count: int = 0
-    skipped_steps: int = 0  # updates left out by train.on_nonfinite = "skip", over the whole run (resumes too)
-
-    def to_json(self) -> dict:
-        d = dict(self.__dict__)
-        d["best_val_loss"] = None if math.isinf(self.best_val_loss) else self.best_val_loss
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> TrainState:
-        d = dict(d)
-        d["best_val_loss"] = math.inf if d.get("best_val_loss") is None else d["best_val_loss"]
-        return cls(**d)
-
-
 @dataclass
 class TrainResult:
     model: MLP
@@ -532,138 +396,6 @@ class TrainResult:
     stopped: str = "epochs"
     state: TrainState = field(default_factory=TrainState)
     reports: dict = field(default_factory=dict)  # "val"/"test": the final evaluate() report of each
-
-
-def _use_sharding(cfg: Config, comm) -> bool:
-    """Shard the optimizer when asked, or (``auto``) when it measurably pays.
-
-    Measured on 2 cores (scripts/bench): reduce-scatter + all-gather costs about 1.5x
-    one Allreduce of the same bytes, while the sharded update saves (ranks - 1)/ranks
-    of the optimizer's element-wise work: a win for the stateful optimizers (Adam:
-    +30 % at 8 ranks on 2 cores, 0-10 % at 2), none for plain SGD. ``auto`` therefore
-    shards stateful optimizers when ranks outnumber the cores; ``on`` may also pay off
-    for Adam at 2+ ranks (see the README's Performance).
-    """
-    mode = cfg.train.shard_optimizer
-    if comm.size == 1 or mode == "off":
-        return False
-    if mode == "on":
-        return True
-    return cfg.train.optimizer != "sgd" and comm.local_size > (os.cpu_count() or 1)
-
-
-SHM_DIR = "/dev/shm"  # where MPICH and Open MPI place shared-memory windows on Linux
-SHM_RESERVE = 64 * 2**20  # room left there for MPI's own shared-memory transport
-
-
-def _shm_free_bytes() -> int | None:
-    """Free bytes in ``SHM_DIR`` (None where it does not exist)."""
-    try:
-        st = os.statvfs(SHM_DIR)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
-def _use_node_shared(cfg: Config, comm, window_bytes: int = 0) -> bool:
-    """Combine gradients through node-shared memory (see ``train.node_shared``)?
-
-    Measured on 2 cores (scripts/bench): 2 ranks train 3-17 % faster than with one
-    Allreduce per step plus an update repeated on every rank (more with Adam than SGD),
-    and 8 ranks (more ranks than cores) about 1.5x as fast. It needs every rank on one
-    node, and room for the window in /dev/shm (Docker gives 64 MiB unless ``--shm-size``
-    says more): touching a window larger than that would crash the job, so ``auto``
-    then keeps the Allreduce.
-    """
-    t = cfg.train
-    if comm.size == 1 or t.node_shared == "off":
-        return False
-    one_node = comm.local_size == comm.size  # the same answer on every rank
-    free = _shm_free_bytes()
-    room = free is None or window_bytes + SHM_RESERVE <= free
-    if t.node_shared == "on":
-        if not one_node:
-            raise ConfigError("train.node_shared", f"'on' needs every rank on one node; {comm.size} ranks run "
-                              f"on several nodes ({comm.local_size} on this one); use auto or off")
-        if not room:
-            raise ConfigError("train.node_shared", f"'on' needs {(window_bytes + SHM_RESERVE) / 2**20:.0f} MiB "
-                              f"of shared memory in {SHM_DIR}, {free / 2**20:.0f} MiB are free (in Docker: docker "
-                              "run --shm-size=1g ...); or set train.node_shared=off")
-        return True
-    return one_node and room and t.shard_optimizer != "on" and not t.overlap_allreduce
-
-
-class _NodeShared:
-    """Everything the node-shared step keeps in one shared-memory window, as views.
-
-    params: the parameters (one copy per node); state: the optimizer's vectors;
-    slots: (ranks, n_params + 4) rows, rank r's gradient sum then its loss sum, row
-    count, correct count and stop vote; squares: (ranks, layers) squared gradient norms
-    of each rank's span. span: [lo, hi) of the parameters this rank sums and updates;
-    grad: the summed gradient of that span (private).
-    """
-
-    @staticmethod
-    def window_elements(model: MLP, optimizer: Optimizer, ranks: int) -> int:
-        """Elements of the window: params, optimizer state, one slot per rank, per-rank squared norms."""
-        n = model.n_params
-        return n * (1 + len(optimizer.state_names)) + ranks * (n + 4) + ranks * model.n_layers
-
-    def __init__(self, model: MLP, optimizer: Optimizer, comm):
-        n, k, layers = model.n_params, comm.size, model.n_layers
-        names = optimizer.state_names
-        window = comm.node_shared_array(self.window_elements(model, optimizer, k), model.dtype)
-        first = comm.local_rank == 0  # DP: one rank fills the shared copies, the barrier publishes them
-        model.move_params(window[:n], copy=first)
-        optimizer.move_state({name: window[n * (1 + i) : n * (2 + i)] for i, name in enumerate(names)}, copy=first)
-        start = n * (1 + len(names))
-        self.slots = window[start : start + k * (n + 4)].reshape(k, n + 4)
-        self.squares = window[start + k * (n + 4) :].reshape(k, layers)
-        comm.node_barrier()
-        self.span = data_mod.shard_bounds(n, k, comm.rank)
-        lo, hi = self.span
-        self.grad = np.empty(hi - lo, model.dtype)
-        self.layer_ranges = [(w.start, b.stop) for w, b in model.layer_slices()]  # flat [start, stop) of each layer
-        self.rank = comm.rank
-
-    def sum_span(self) -> None:
-        """grad <- my span of the summed slots (rank order); ``squares[rank]`` <- its per-layer squared norms.
-
-        Chunk by chunk, so each chunk is summed and squared while it is in cache.
-        """
-        lo, hi = self.span
-        mine = self.squares[self.rank]
-        mine[...] = 0.0
-        for start in range(lo, hi, CHUNK_ELEMENTS):
-            stop = min(start + CHUNK_ELEMENTS, hi)
-            out = self.grad[start - lo : stop - lo]
-            np.copyto(out, self.slots[0, start:stop])
-            for row in self.slots[1:]:
-                out += row[start:stop]
-            for layer, (w, b) in enumerate(self.layer_ranges):
-                first, last = max(w, start), min(b, stop)
-                if last > first:
-                    part = out[first - start : last - start]
-                    mine[layer] += np.dot(part, part)
-
-
-class _Shard:
-    """This rank's span of the flat parameter vector for the sharded optimizer.
-
-    span: [lo, hi) of the parameters this rank updates (contiguous, sizes differ by at
-    most one); counts: every rank's span length; grad: my span of the reduced gradient;
-    layer_parts: per layer, the [a, b) part of ``grad`` holding that layer's weights and biases;
-    tail: loss sum, rows, correct, stop votes, then one squared norm per layer.
-    """
-
-    def __init__(self, model: MLP, comm, dtype):
-        bounds = [data_mod.shard_bounds(model.n_params, comm.size, r) for r in range(comm.size)]
-        self.counts = [hi - lo for lo, hi in bounds]
-        self.span = bounds[comm.rank]
-        lo, hi = self.span
-        self.grad = np.empty(hi - lo, dtype)
-        self.layer_parts = [(max(w.start, lo) - lo, max(min(b.stop, hi), lo) - lo) for w, b in model.layer_slices()]
-        self.tail = np.zeros(4 + model.n_layers, dtype)
 
 
 class Trainer:
@@ -683,7 +415,7 @@ class Trainer:
         self.stop_requested = stop_requested or (lambda: False)
         self.stop_reason: Callable[[], str] = lambda: "a stop signal"
         self.data = data if data is not None else all_or_nothing(comm, lambda: prepare_data(cfg), "loading data")
-        self._digests = check_data_agrees(comm, self.data)  # DP: before anything depends on the row counts
+        self.digests = check_data_agrees(comm, self.data.digests())  # DP: before anything depends on the row counts
         self.model = all_or_nothing(comm, lambda: build_model(cfg, model_sizes(
             cfg, self.data.train.n_features, self.data.targets.outputs, self.data.train.source)), "building the model")
         check_in_sync(comm, self.model.params, "at start-up")  # DP: same seed must mean same weights
@@ -696,262 +428,89 @@ class Trainer:
         self.history: list[dict] = []
         self.rundir: rundir_mod.RunDirectory | None = None  # rank 0, once the run directory is claimed
         self.resumed_from: rundir_mod.Resume | None = None
-        self._parent: dict | None = None  # lineage entry of the checkpoint the next save descends from
-        self._last_saved: tuple[int, Path] | None = None  # (global step, file) of the newest save
-        self._model_lineage: dict = {}  # rank 0: the lineage entry model.npz is made from
+        self.parent: dict | None = None  # lineage entry of the checkpoint the next save descends from
+        self.last_saved: tuple[int, Path] | None = None  # (global step, file) of the newest save
+        self.model_lineage: dict = {}  # rank 0: the lineage entry model.npz is made from
         self._claimed = False
         self.stop_votes = 0.0
         self.diag_every = max(1, self.steps_per_epoch // 10)  # gradient norms ~10 times an epoch
-        self.node = None
-        window_bytes = _NodeShared.window_elements(self.model, self.optimizer, comm.size) * self.model.dtype.itemsize
-        use_node = all_or_nothing(comm, lambda: _use_node_shared(cfg, comm, window_bytes),
-                                  "choosing the gradient exchange")
-        if comm.size > 1 and not comm.any(not use_node):  # DP: shared only if every rank agrees
-            self.node = _NodeShared(self.model, self.optimizer, comm)
-        # DP: one contiguous buffer = gradient sum | loss sum | row count | correct count | stop votes;
-        # node-shared: my slot of the window, so my gradient sum goes straight where the others read it.
-        self.reduce_buf = (self.node.slots[comm.rank] if self.node is not None
-                           else np.zeros(self.model.n_params + 4, self.model.dtype))
-        self.grad = self.reduce_buf[: self.model.n_params]
-        self.shard = (_Shard(self.model, comm, self.model.dtype)
-                      if self.node is None and _use_sharding(cfg, comm) else None)
-        self.buckets = (self._plan_buckets()
-                        if cfg.train.overlap_allreduce and comm.size > 1 and self.shard is None and self.node is None
-                        else {})
+        self.exchange = exchange_mod.choose(cfg, comm, self.model, self.optimizer)
         shard_rows = -(-self.batch_size // comm.size)
         x, y = self.data.train.x, self.data.train.y
-        self.x_shard = np.empty((shard_rows,) + x.shape[1:], x.dtype)
+        self.x_shard = np.empty((shard_rows,) + x.shape[1:], x.dtype)  # DP: my rows of each batch, gathered here
         self.y_shard = np.empty((shard_rows,) + y.shape[1:], y.dtype)
         self.threads = configure_blas_threads(cfg.train.threads, comm.local_size)
-
-    @property
-    def exchange(self) -> str:
-        """How this run combines the ranks' gradients, in words (for the start-up header)."""
-        if self.comm.size == 1:
-            return "single process"
-        if self.node is not None:
-            return "node-shared memory (each rank sums and updates its span)"
-        if self.shard is not None:
-            return "Reduce_scatter + sharded update + Allgather"
-        return "bucketed Iallreduce during backprop" if self.buckets else "one Allreduce per step"
 
     # -------------------------------------------------------------- one step
 
     def step(self, order: np.ndarray, step_in_epoch: int) -> tuple[float, float, float]:
-        """One global step; returns the global (loss sum, correct, count) of the batch."""
-        comm, model, n_params = self.comm, self.model, self.model.n_params
+        """One global step over batch ``step_in_epoch`` of the epoch's ``order``; returns (loss sum, correct, count).
+
+        The seed's four parts. Collective: every rank calls it with the same arguments and
+        returns the same global sums. Updates the parameters (unless the batch is skipped).
+        """
+        ex = self.exchange
         lo, hi = data_mod.batch_bounds(order.shape[0], self.batch_size, step_in_epoch)
-        r0, r1 = data_mod.shard_bounds(hi - lo, comm.size, comm.rank)  # DP: my contiguous shard
-        idx = order[lo + r0 : lo + r1]
-        xs = data_mod.gather_rows(self.data.train.x, idx, self.x_shard)
-        ys = data_mod.gather_rows(self.data.train.y, idx, self.y_shard)
-        if self.shard is not None:
-            return self._step_sharded(xs, ys)
-        if self.node is not None:
-            return self._step_node_shared(xs, ys)
-        tail = self.reduce_buf[n_params:]
-        fill_tail = functools.partial(self._fill_tail, tail)
-        if self.buckets:
-            requests = []
-
-            def start_bucket(layer: int) -> None:
-                if layer in self.buckets:  # DP: this bucket's layers are final: start reducing it
-                    requests.append(comm.iallreduce_(self.buckets[layer]))
-                for req in requests:
-                    req.Test()  # let MPI progress between layers
-
-            model.loss_and_grad_sum(xs, ys, self.grad, check=False, on_forward_done=fill_tail,
-                                    on_layer_ready=start_bucket)
-            comm.waitall(requests)
-        else:
-            fill_tail(model.loss_and_grad_sum(xs, ys, self.grad, check=False))
-            comm.allreduce_(self.reduce_buf)  # DP: the one collective of the step
-        loss_sum, count, correct = (float(v) for v in tail[:3])
-        self.stop_votes = float(tail[3])
-        # DP: the gradient is a SUM over the global batch; the optimizer divides once by the
-        # GLOBAL row count, fused into its cache-sized passes. Every rank holds the same sums
-        # here, so every decision below is the same on every rank.
-        inv_count = 1.0 / count
-        if self.state.global_step % self.diag_every == 0 and math.isfinite(loss_sum):
-            squares = [float(np.vdot(g, g)) for g in (self.grad[w.start : b.stop] for w, b in model.layer_slices())]
-            if all(math.isfinite(q) for q in squares):  # Inf also from a huge finite gradient: no sample then
-                self._add_grad_norms(squares, inv_count)
-        skip = self.cfg.train.on_nonfinite == "skip"
-        if not math.isfinite(loss_sum) or (skip and not all_finite(self.grad)):
-            self._nonfinite(loss_sum)  # raises, or returns to skip this update
-            return loss_sum, correct, count
-        lr = self.schedule(self.state.global_step)
-        try:
-            self.optimizer.step(model.params, self.grad, lr, grad_scale=inv_count, check_finite=not skip)
-        except NonFiniteGradient:
-            # on_nonfinite = "stop": raises TrainingError naming the layer (some chunks are applied already)
-            self._nonfinite(loss_sum, check_params=False)
+        r0, r1 = data_mod.shard_bounds(hi - lo, self.comm.size, self.comm.rank)  # DP: my contiguous shard
+        xs = data_mod.gather_rows(self.data.train.x, order[lo + r0 : lo + r1], self.x_shard)
+        ys = data_mod.gather_rows(self.data.train.y, order[lo + r0 : lo + r1], self.y_shard)
+        # (1) zero and (2) forward + backprop: this rank's gradient SUM, written over ex.grad
+        stats = self.model.loss_and_grad_sum(xs, ys, ex.grad, check=False)
+        # (3) combine across ranks: global sums and counts, the stop vote, per-layer squared norms
+        sums = ex.combine(stats, self.stop_requested())  # DP: the stop vote rides in the same reduction
+        self.stop_votes = sums.votes
+        if self._skip_nonfinite(sums):
+            return sums.loss_sum, sums.correct, sums.count
+        if self.state.global_step % self.diag_every == 0:
+            self._add_grad_norms(sums.squares, 1.0 / sums.count)
+        # (4) the same update everywhere, the gradient divided ONCE by the GLOBAL row count
+        ex.update(self.model.params, self.optimizer, self.schedule(self.state.global_step), 1.0 / sums.count)
         self._updated_at = self.state.global_step + 1
-        return loss_sum, correct, count
+        return sums.loss_sum, sums.correct, sums.count
 
-    def _fill_tail(self, tail: np.ndarray, stats) -> np.ndarray:
-        """Write this rank's loss sum, row count, correct count and stop vote into ``tail[:4]``; return it."""
-        tail[0], tail[1], tail[2] = stats.loss_sum, stats.n, stats.n_correct
-        tail[3] = 1.0 if self.stop_requested() else 0.0  # DP: the stop vote rides in the same reduction
-        return tail
+    def _skip_nonfinite(self, sums: exchange_mod.Sums) -> bool:
+        """The NaN/Inf rule, from numbers every rank shares: False to update; True to skip; or TrainingError.
 
-    def _step_sharded(self, xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float]:
-        """The step with a sharded optimizer: reduce-scatter, update my span, all-gather parameters.
-
-        Each rank receives the summed gradient of its own span of the parameter vector,
-        updates only that span (so the optimizer's element-wise work is divided by the
-        rank count instead of repeated on every rank), then all ranks exchange their
-        spans. Same update, same parameters on every rank; the gradient sums may round
-        differently from an Allreduce.
+        A non-finite squared norm is NaN/Inf in that layer, or finite entries so large that their
+        squares overflow (trained on: the optimizer has a wider path for them); only then are the
+        ranks' exact answers gathered (collective then, on every rank alike).
         """
-        comm, model, sh = self.comm, self.model, self.shard
-        stats = model.loss_and_grad_sum(xs, ys, self.grad, check=False)
-        comm.reduce_scatter_(self.grad, sh.grad, sh.counts)  # DP: my span of the global gradient sum
-        # DP: one small Allreduce: loss sum, rows, correct, stop votes, per-layer squared norms
-        # (their sum is NaN/Inf when any gradient entry is, which every rank must learn; or when
-        # finite entries are huge: then the ranks' exact answers, ``mine``, decide).
-        tail = self._fill_tail(sh.tail, stats)
-        for layer, (a, b) in enumerate(sh.layer_parts):
-            part = sh.grad[a:b]
-            tail[4 + layer] = np.vdot(part, part) if b > a else 0.0
-        mine = self._span_bad_layer(sh.grad, sh.layer_parts, tail[4:])
-        comm.allreduce_(tail)
-        loss_sum, count, correct = (float(v) for v in tail[:3])
-        self.stop_votes = float(tail[3])
-        squares = [float(v) for v in tail[4:]]
-        inv_count = 1.0 / count
-        bad_layer = self._agreed_bad_layer(squares, mine)
-        if not math.isfinite(loss_sum) or bad_layer is not None:
-            self._nonfinite(loss_sum, bad_layer)  # raises, or returns to skip this update everywhere
-            return loss_sum, correct, count
-        if self.state.global_step % self.diag_every == 0 and all(math.isfinite(q) for q in squares):
-            self._add_grad_norms(squares, inv_count)
-        lr = self.schedule(self.state.global_step)
-        self.optimizer.step(model.params, sh.grad, lr, grad_scale=inv_count, span=sh.span)
-        comm.allgather_(model.params, sh.counts)  # DP: every rank gets every span
-        self._updated_at = self.state.global_step + 1
-        return loss_sum, correct, count
-
-    def _step_node_shared(self, xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float]:
-        """The step on one node: gradient sums meet in shared memory, each rank updates its span.
-
-        Node barriers: (1) every slot is written; every rank then sums its span and
-        posts that span's squared norms; (2) every span of the shared parameters is
-        updated, so the next forward may read them, and every rank takes the same
-        NaN/Inf and diagnostics decisions from the same posted numbers. With
-        ``on_nonfinite = "skip"`` one more barrier comes before the update, so that a
-        bad gradient changes no span; with ``stop`` the run ends anyway, so the check
-        after the update is enough (the last checkpoint stays intact).
-        """
-        comm, model, node, n_params = self.comm, self.model, self.node, self.model.n_params
-        stats = model.loss_and_grad_sum(xs, ys, self.grad, check=False)
-        self._fill_tail(self.reduce_buf[n_params:], stats)
-        comm.node_barrier()  # DP: (1) every rank's sums are in its slot
-        loss_sum, count, correct, votes = (float(v) for v in node.slots[:, n_params:].sum(axis=0))
-        self.stop_votes = votes
-        if not math.isfinite(loss_sum):
-            comm.node_barrier()  # DP: nobody reuses the slots before all have read them
-            self._nonfinite(loss_sum)  # raises, or returns to skip this update everywhere
-            return loss_sum, correct, count
-        node.sum_span()
-        lo, hi = node.span
-        mine = self._span_bad_layer(node.grad, [(max(w, lo) - lo, max(min(b, hi), lo) - lo)
-                                                for w, b in node.layer_ranges], node.squares[node.rank])
-        squares, bad_layer = None, None
-        if self.cfg.train.on_nonfinite == "skip":
-            comm.node_barrier()  # DP: every span's norms are posted before any span changes
-            squares = [float(v) for v in node.squares.sum(axis=0)]
-            bad_layer = self._agreed_bad_layer(squares, mine)
-        updated = bad_layer is None
-        if updated:
-            lr = self.schedule(self.state.global_step)
-            with np.errstate(invalid="ignore", over="ignore"):  # stop mode: NaN/Inf are reported below
-                self.optimizer.step(model.params, node.grad, lr, grad_scale=1.0 / count, span=node.span)
-            self._updated_at = self.state.global_step + 1
-        comm.node_barrier()  # DP: (2) the shared parameters are complete; every span's norms are posted
-        if squares is None:
-            squares = [float(v) for v in node.squares.sum(axis=0)]
-            bad_layer = self._agreed_bad_layer(squares, mine)
-        if bad_layer is not None:  # raises, or (skip) this update was left out everywhere
-            self._nonfinite(loss_sum, bad_layer, check_params=not updated)
-        elif self.state.global_step % self.diag_every == 0 and all(math.isfinite(q) for q in squares):
-            self._add_grad_norms(squares, 1.0 / count)
-        return loss_sum, correct, count
-
-    def _plan_buckets(self) -> dict[int, np.ndarray]:
-        """Split reduce_buf into contiguous buckets of whole layers, last layer (+ the tail) first.
-
-        Returns {lowest layer in the bucket: view of its slice}; backprop finishes
-        layers from last to first, so a bucket is complete when its lowest layer is.
-        """
-        limit = int(self.cfg.train.bucket_mb * 2**20) // self.model.dtype.itemsize
-        slices = self.model.layer_slices()
-        buckets, stop = {}, self.reduce_buf.shape[0]
-        for layer in range(self.model.n_layers - 1, -1, -1):
-            start = slices[layer][0].start
-            if stop - start >= limit or layer == 0:
-                buckets[layer] = self.reduce_buf[start:stop]
-                stop = start
-        return buckets
+        layer = None
+        if not all(math.isfinite(q) for q in sums.squares):
+            found = [i for i in self.comm.allgather_obj(self.exchange.bad_layer(sums.squares)) if i is not None]
+            layer = min(found) if found else None
+        if math.isfinite(sums.loss_sum) and layer is None:
+            return False
+        self._nonfinite(sums.loss_sum, layer)  # raises, or returns: this update is left out everywhere
+        return True
 
     def _add_grad_norms(self, squares: list[float], scale: float) -> None:
         """Add this step's per-layer gradient norms (sqrt of the squared sums, times ``scale``) to the epoch's sums.
 
         The vanishing-gradient signal: in a deep sigmoid/tanh net the early layers'
         norms fall by orders of magnitude. Computed from the reduced gradient, so
-        identical on every rank.
+        identical on every rank. A step whose squares overflowed is not sampled.
         """
+        if not all(math.isfinite(q) for q in squares):
+            return
         norms = [scale * math.sqrt(q) for q in squares]
         st = self.state
         st.grad_norm_sums = [a + b for a, b in zip(st.grad_norm_sums, norms)] if st.grad_norm_sums else norms
         st.grad_norm_count += 1
 
-    @staticmethod
-    def _span_bad_layer(grad: np.ndarray, parts, squares) -> int | None:
-        """The first layer whose part ``grad[a:b]`` (``parts``: one (a, b) per layer) holds NaN/Inf.
-
-        Looks only at layers whose squared norm in ``squares`` is not finite (NaN/Inf entries
-        make it so, but so do finite ones beyond ~1.8e19 in float32), so normally costs nothing.
-        """
-        return next((layer for layer, ((a, b), q) in enumerate(zip(parts, squares))
-                     if not math.isfinite(q) and not bool(np.isfinite(grad[a:b]).all())), None)
-
-    def _agreed_bad_layer(self, squares: list[float], mine: int | None) -> int | None:
-        """The first layer whose summed gradient holds NaN/Inf, the same on every rank.
-
-        ``squares``: reduced per-layer squared norms (equal on all ranks); ``mine``: this
-        rank's ``_span_bad_layer`` over its span. Only when a square is not finite are the
-        ranks' exact answers gathered (collective then, on every rank alike): a finite but
-        huge gradient is trained on (the optimizer has a float64 path for it), not skipped.
-        """
-        if all(math.isfinite(q) for q in squares):
-            return None
-        found = [i for i in self.comm.allgather_obj(mine) if i is not None]  # DP: rare: NaN/Inf or a huge norm
-        return min(found) if found else None
-
     _updated_at = 0  # the (1-based) step whose update was applied last; 0: none in this process
 
-    def _nonfinite(self, loss_sum: float, layer: int | None = None, *, check_params: bool = True) -> bool:
-        """Handle a NaN/Inf batch (identical on all ranks after the reduce): skip or raise TrainingError.
+    def _nonfinite(self, loss_sum: float, layer: int | None) -> None:
+        """Handle a NaN/Inf batch (identical on all ranks after the combine): skip, or raise TrainingError.
 
-        Collective. First the parameters (``check_params``: unless this step's update
-        already ran): NaN/Inf there end the run in either mode, as skipping could never
-        recover. Then ``stop`` raises; ``skip`` counts the step in ``state.skipped_steps``
-        and raises once that exceeds ``train.max_skipped_steps``. Returns True (skip).
+        Collective. First the parameters: NaN/Inf there end the run in either mode, as
+        skipping could never recover. Then ``stop`` raises; ``skip`` counts the step in
+        ``state.skipped_steps`` and raises once that exceeds ``train.max_skipped_steps``.
         """
         st, t = self.state, self.cfg.train
         step = st.global_step + 1
-        if check_params:  # a NaN/Inf parameter makes the loss non-finite: the usual way to find one
-            self._require_finite_params(f"found at step {step}")
-        if not math.isfinite(loss_sum):
-            what = f"loss is {loss_sum}"
-        elif layer is not None:
-            what = f"gradient of layer {layer + 1} is not finite"
-        else:
-            gW, gb = self.model.layer_views(self.grad)
-            layer = next((i for i in range(self.model.n_layers)
-                          if not (np.all(np.isfinite(gW[i])) and np.all(np.isfinite(gb[i])))), None)
-            what = "gradient is not finite" if layer is None else f"gradient of layer {layer + 1} is not finite"
+        self.require_finite_params(f"found at step {step}")  # a NaN/Inf parameter makes the loss non-finite
+        what = f"loss is {loss_sum}" if not math.isfinite(loss_sum) else f"gradient of layer {layer + 1} is not finite"
         if t.on_nonfinite == "skip":
             st.skipped_steps += 1
             if st.skipped_steps > t.max_skipped_steps:
@@ -962,13 +521,13 @@ class Trainer:
             if self.comm.is_root:
                 self.echo(f"warning: step {step}: {what}; skipping this update on all ranks "
                           f"({st.skipped_steps} skipped, at most {t.max_skipped_steps})")
-            return True
+            return
         raise TrainingError(
             f"step {step} (epoch {st.epoch + 1}): {what}; lower train.lr, check the data, "
             "or set train.on_nonfinite=\"skip\""
         )
 
-    def _require_finite_params(self, when: str) -> None:
+    def require_finite_params(self, when: str) -> None:
         """Raise TrainingError on every rank if any parameter is NaN or Inf (collective).
 
         ``when`` says where the check ran ("before writing a checkpoint"). One pass over
@@ -1030,8 +589,8 @@ class Trainer:
                 st.global_step += 1
                 st.step_in_epoch += 1
                 epoch_samples += int(count)
-                # DP: node-shared ranks read one copy of the weights: nothing can drift apart
-                if t.check_sync_every and self.node is None and st.global_step % t.check_sync_every == 0:
+                # DP: ranks that read one copy of the weights (one node) cannot drift apart
+                if t.check_sync_every and self.exchange.nodes > 1 and st.global_step % t.check_sync_every == 0:
                     check_in_sync(self.comm, self.model.params, f"at step {st.global_step}")
                 progress.step(st.epoch, st.step_in_epoch, st.global_step, loss_sum / max(count, 1.0),
                               epoch_samples, time.perf_counter() - epoch_start)
@@ -1055,7 +614,7 @@ class Trainer:
                 self._preempt(progress)
         self.save_checkpoint()  # a finished run resumes as a no-op (requeue-safe)
         if ck.restore_best:
-            self._restore_best()
+            runstate.restore_best(self)
         return self._finish(st.stopped or "epochs", run_start)
 
     def _preempt(self, progress: Progress) -> None:
@@ -1121,10 +680,10 @@ class Trainer:
                 keys = REGRESSION_KEYS if self.model.task == "regression" else ("accuracy",)
                 final.update({f"{role}_{key}": reports[role][key] for key in ("loss", *keys)})
         if self.run_dir is not None and stopped != "interrupted":
-            self._require_finite_params("before writing model.npz")
+            self.require_finite_params("before writing model.npz")
             # DP: the lineage entry of the state this model was made from (a branch moves it aside)
-            extra = {"final": final, "run": self._model_lineage}
-            record = {"final": final, "run": self._model_lineage, "targets": self.data.targets.to_meta(), **reports}
+            extra = {"final": final, "run": self.model_lineage}
+            record = {"final": final, "run": self.model_lineage, "targets": self.data.targets.to_meta(), **reports}
 
             def write() -> None:
                 if self.comm.is_root:
@@ -1135,171 +694,24 @@ class Trainer:
             all_or_nothing(self.comm, write, "saving the model")
         return TrainResult(self.model, self.history, final, stopped, self.state, reports)
 
-    def _restore_best(self) -> None:
-        """``checkpoint.restore_best``: put the best-validation parameters back before the final model is saved.
-
-        Rank 0 reads ``best.npz`` of this run's lineage and every rank receives its parameters
-        (collective). Without a best checkpoint (no validation data, no improvement) the last
-        parameters stay and rank 0 says so.
-        """
-        if self.checkpoint_dir is None:
-            return
-
-        def read():
-            if not self.comm.is_root:
-                return None
-            best = [e for e in self.rundir.entries if e.best]
-            if not best:
-                return None
-            arrays, meta = ckpt.load_checkpoint(best[0].path)
-            st = meta["state"]  # saved at the end of the best epoch: ``epoch`` counts it as done
-            return arrays["params"], {**meta["run"], "epoch": st["epoch"], "val_loss": st["best_val_loss"],
-                                      "step": st["global_step"]}
-
-        found = all_or_nothing(self.comm, read, "reading the best checkpoint")
-        info = self.comm.bcast_obj(found[1] if found is not None else None)
-        if info is None:
-            self.echo("warning: checkpoint.restore_best: no best checkpoint in this run; the final model is "
-                      "the last one")
-            return
-        params = found[0] if self.comm.is_root else np.empty_like(self.model.params)
-        self.comm.bcast_(params)  # DP: every rank continues with rank 0's best parameters
-        self._set_params(params)
-        self._model_lineage = {**self._model_lineage, "restored_best": info["seq"], "step": info["step"],
-                               "final_step": self.state.global_step}
-        self.echo(f"restored the best model: epoch {info['epoch']}, val loss {info['val_loss']:.4f} "
-                  "(checkpoint.restore_best)")
-
-    def _set_params(self, params: np.ndarray) -> None:
-        """Every rank: the parameters become ``params`` (node-shared: one rank per node writes them)."""
-        if self.node is None or self.comm.local_rank == 0:
-            self.model.params[...] = params
-        self.comm.node_barrier()
-
-    # -------------------------------------------------------------- checkpoints
+    # -------------------------------------------------------------- checkpoints (dpbp/runstate.py)
 
     @property
     def checkpoint_dir(self) -> Path | None:
         return self.run_dir / ckpt.CHECKPOINT_DIR if self.run_dir is not None else None
 
-    def checkpoint_payload(self) -> tuple[dict[str, np.ndarray], dict]:
-        """(arrays, metadata) describing the run at this step boundary: global state only.
-
-        The parameters live in the normalised input space, so the normaliser goes with them
-        (``norm_shift``/``norm_scale`` in float64, meta ``normalize``), and so does what the
-        outputs mean (meta ``targets``, arrays ``target_shift``/``target_scale`` for scaled
-        regression targets): any checkpoint can then be evaluated or used as a model.
-        """
-        arrays = {"params": self.model.params}
-        for name, value in self.optimizer.state_dict().items():
-            arrays[f"optim_{name}"] = value
-        norm = self.data.normalizer
-        arrays.update(norm.to_arrays())  # float64, as training applied it
-        arrays.update(self.data.targets.to_arrays())
-        meta = {
-            "config": config_mod.to_dict(self.cfg),
-            "model": self.model.describe(),
-            "optimizer": {"name": self.optimizer.name, "t": self.optimizer.t},
-            "schedule": {"kind": self.cfg.train.schedule, "lr_next": self.schedule(self.state.global_step)},
-            "state": self.state.to_json(),
-            "rng": {"shuffle": "numpy default_rng([train.seed, epoch])", "seed": self.cfg.train.seed},
-            "history": self.history,
-            "world_size": self.comm.size,  # informational: resuming on another rank count is fine
-            "data_digest": self.data_digest,
-            "validation_digest": (self._digests["validation"] or {}).get("sha256"),
-            "normalize": norm.kind,
-            "targets": self.data.targets.to_meta(),
-        }
-        return arrays, meta
-
     @property
     def data_digest(self) -> str:
         """sha256 of the (normalised) training arrays: a resume must see the same data."""
-        return self._digests["train"]["sha256"]
+        return self.digests["train"]["sha256"]
 
     def save_checkpoint(self, best: bool = False) -> Path | None:
-        """Rank 0 writes a checkpoint (collective: call on every rank). Returns its path, which exists.
-
-        It records its lineage (run id, save number ``seq``, parent); periodic checkpoints beyond
-        ``checkpoint.keep`` are pruned by ``seq`` within the lineage. A periodic save at the step of
-        the newest save (for example right after resuming) writes nothing and returns that file.
-        Parameters that are not finite are never written (TrainingError, exit 3).
-        """
-        self._require_finite_params("before writing a checkpoint")
-        folder = self.checkpoint_dir
-        if folder is None:
-            return None
-        st = self.state
-        if best:
-            path = folder / ckpt.BEST_NAME
-        else:
-            path = folder / ckpt.checkpoint_name(st.global_step)
-            if self._last_saved is not None and self._last_saved[0] == st.global_step:
-                return self._last_saved[1]
-        if self.shard is not None:  # DP: each rank's optimizer state is current on its span only
-            for state in self.optimizer.state.values():
-                self.comm.allgather_(state, self.shard.counts)
-        arrays, meta = self.checkpoint_payload() if self.comm.is_root else (None, None)
-
-        def write():
-            if self.comm.is_root:
-                seq = self.rundir.reserve_seq()
-                meta["run"] = {"run_id": self.rundir.run_id, "seq": seq, "parent": self._parent}
-                ckpt.save_checkpoint(path, arrays, meta)
-                self.rundir.added(seq, path, st.global_step, best)
-                if not best:
-                    self.rundir.prune(self.cfg.checkpoint.keep)
-                return {"run_id": self.rundir.run_id, "seq": seq}
-            return None
-
-        entry = all_or_nothing(self.comm, write, f"writing checkpoint {path}")  # DP: a full disk ends every rank
-        if self.comm.is_root:
-            self._parent = entry
-            self._model_lineage = {**entry, "step": st.global_step}
-        if not best:
-            self._last_saved = (st.global_step, path)
-        return path
+        """Rank 0 writes a checkpoint (collective); see ``runstate.save``."""
+        return runstate.save(self, best)
 
     def restore(self, path: str | Path) -> None:
-        """Continue from checkpoint ``path`` (collective). Refuses one of another model or data.
-
-        Reads only: the run directory is written when it is claimed (``claim_run_dir``), which
-        also decides whether this starts a branch of the run's lineage.
-        """
-        path = Path(path)
-
-        def load():
-            # The model, optimizer and data are checked from the metadata, before any array is read.
-            arrays, meta = ckpt.load_checkpoint(path, check=lambda meta: self._check_compatible(path, meta))
-            try:
-                state = TrainState.from_json(meta["state"])
-                history = [dict(r) for r in meta["history"]]
-                if not (0 <= state.epoch and 0 <= state.step_in_epoch < self.steps_per_epoch
-                        and 0 <= state.global_step):
-                    raise ValueError(f"position epoch {state.epoch}, step {state.step_in_epoch} is out of range")
-                run = meta.get("run")
-                if run is not None and not (isinstance(run.get("run_id"), str) and isinstance(run.get("seq"), int)):
-                    raise ValueError("malformed lineage entry")
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                # Only a hand-made file gets here: the checksum matched, the content does not make sense.
-                raise CheckpointError(f"{path}: malformed checkpoint metadata ({type(exc).__name__}: {exc})") from None
-            return arrays, state, history, run
-
-        arrays, state, history, run = all_or_nothing(self.comm, load, f"reading checkpoint {path}")
-        if self.node is None or self.comm.local_rank == 0:  # DP: node-shared arrays: one rank writes them
-            self.model.params[...] = arrays["params"]
-            prefix = "optim_"
-            self.optimizer.load_state_dict({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
-        else:
-            self.optimizer.t = int(arrays["optim_t"])
-        self.comm.node_barrier()
-        self.state = state
-        self.history = history
-        self.resumed_from = rundir_mod.Resume(path, {**run, "step": state.global_step} if run else None)
-        self._parent = {"run_id": run["run_id"], "seq": run["seq"]} if run else None
-        self._model_lineage = {**(self._parent or {}), "step": state.global_step}
-        self._last_saved = None
-        check_in_sync(self.comm, self.model.params, "after loading the checkpoint")
+        """Continue from checkpoint ``path`` (collective); see ``runstate.restore``."""
+        runstate.restore(self, path)
 
     # -------------------------------------------------------------- the run directory
 
@@ -1340,7 +752,7 @@ class Trainer:
                 self.comm.is_root and any(e.path.resolve() == resume.path.resolve() and not e.best
                                           for e in self.rundir.entries))
             if inside:  # DP: decided on rank 0, followed everywhere
-                self._last_saved = (self.state.global_step, resume.path)
+                self.last_saved = (self.state.global_step, resume.path)
             else:  # the state resumed from gets a checkpoint of this run: --resume auto finds it
                 self.save_checkpoint()
         return messages
@@ -1349,49 +761,6 @@ class Trainer:
         """Give up the run directory's lock (rank 0); the directory keeps everything written."""
         if self.rundir is not None:
             self.rundir.release()
-
-    def _check_compatible(self, path, meta: dict) -> None:
-        """Raise CheckpointError unless checkpoint metadata ``meta`` fits this run's model, optimizer and data.
-
-        Needs the metadata only; the arrays' shapes and dtypes follow from it and are
-        checked by ``ckpt.load_checkpoint`` before they are read.
-        """
-        mine, theirs = self.model.describe(), meta["model"]
-        keys = ("sizes", "activation", "output", "loss", "dtype")
-        differ = [f"{k}: checkpoint {theirs.get(k)!r}, config {mine[k]!r}" for k in keys if theirs.get(k) != mine[k]]
-        if differ:
-            raise CheckpointError(f"{path} holds a different model ({'; '.join(differ)})")
-        if meta["optimizer"].get("name") != self.optimizer.name:
-            raise CheckpointError(f"{path} was trained with optimizer {meta['optimizer'].get('name')!r}; "
-                                  f"the config asks for {self.optimizer.name!r}")
-        frozen = frozen_changes(meta["config"], self.cfg)
-        if frozen:
-            raise CheckpointError(f"{path}: cannot resume with changed {', '.join(frozen)} "
-                                  "(they define the model or the data order); start a new run directory instead")
-        recorded = meta.get("targets")
-        if recorded is not None and recorded != self.data.targets.to_meta():
-            raise CheckpointError(f"{path}: its labels ({Targets.from_meta(recorded, None).describe()}) differ from "
-                                  f"the training data's ({self.data.targets.describe()})")
-        if meta.get("data_digest") != self.data_digest:
-            older = ("; it was written by an earlier dpbp, which prepared the data differently (float32 models: "
-                     "normalised after the cast, not before), so resume it with that dpbp or start a new run"
-                     if meta.get("format_version", 0) < 3 else "")
-            raise CheckpointError(f"{path}: the training data differs from the data this checkpoint was trained on"
-                                  f"{older}")
-        mine = (self._digests["validation"] or {}).get("sha256")
-        if "validation_digest" in meta and meta["validation_digest"] != mine:  # early stopping and best.npz use it
-            raise CheckpointError(f"{path}: the validation data differs from the data this run validated on")
-
-
-def _flatten(d: dict) -> dict:
-    return {f"{section}.{key}": value for section, table in d.items() for key, value in table.items()}
-
-
-def frozen_changes(saved: dict, cfg: Config) -> list[str]:
-    """The keys of ``FROZEN_ON_RESUME`` whose value in ``cfg`` differs from the ``saved`` config (a dict)."""
-    before = _flatten(saved)
-    return [k for k, v in _flatten(config_mod.to_dict(cfg)).items()
-            if k.startswith(FROZEN_ON_RESUME) and before.get(k) != v]
 
 
 def _strict_json(value):

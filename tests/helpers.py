@@ -69,3 +69,32 @@ def invoke(*args, comm: str = "serial", restore_signals: bool = True):
         if restore_signals:
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
+
+
+# Every way the ranks combine gradients (dpbp/exchange.py), as the tests under tests/mpi run them:
+# one Allreduce; node-shared memory on one node; hierarchical: the same ranks split into virtual
+# nodes (MPIComm(node_size=...)), so spans are also reduced between nodes. Real hosts: test_cluster_sim.py.
+EXCHANGES = ("allreduce", "shared", "hierarchical")
+
+
+def exchange_comm(kind: str):
+    """The world communicator for exchange ``kind`` (under mpirun)."""
+    from dpbp.comm import MPIComm
+
+    if kind != "hierarchical":
+        return MPIComm()
+    size = MPIComm().size
+    return MPIComm(node_size=2 if size % 2 == 0 and size > 2 else 1)  # 4 ranks: 2 x 2; 2 or 3: one per node
+
+
+def exchange_setting(kind: str) -> str:
+    """The config override that forces exchange ``kind``."""
+    return "train.node_shared=off" if kind == "allreduce" else "train.node_shared=on"
+
+
+def check_exchange(trainer, kind: str) -> None:
+    """The trainer runs exchange ``kind`` (on more than one node for hierarchical)."""
+    ex = trainer.exchange
+    assert ex.kind == ("allreduce" if kind == "allreduce" else "shared"), ex.name
+    if kind != "allreduce":
+        assert (ex.nodes > 1) == (kind == "hierarchical"), ex.name

@@ -249,7 +249,7 @@ def test_nonfinite_gradient_names_the_layer(tmp_path):
 
     def poisoned(*args, **kwargs):
         stats = real(*args, **kwargs)
-        t.model.layer_views(t.grad)[0][1][0, 0] = np.inf  # layer 2's weight gradient
+        t.model.layer_views(t.exchange.grad)[0][1][0, 0] = np.inf  # layer 2's weight gradient
         return stats
 
     t.model.loss_and_grad_sum = poisoned
@@ -273,42 +273,6 @@ def test_well_formed_but_nonsensical_checkpoints_are_refused(saved_run, tmp_path
     with pytest.raises(DpbpError, match="crafted.npz") as info:
         trainer(cfg).restore(tmp_path / "crafted.npz")
     assert info.value.exit_code == 2
-
-
-def test_node_shared_choice():
-    from types import SimpleNamespace
-
-    from dpbp.errors import ConfigError
-    from dpbp.train import _use_node_shared
-
-    def comm(size, local):
-        return SimpleNamespace(size=size, local_size=local)
-
-    assert not _use_node_shared(small_config(), comm(1, 1))
-    assert _use_node_shared(small_config(), comm(4, 4))  # auto: every rank on one node
-    assert not _use_node_shared(small_config(), comm(4, 2))  # several nodes: MPI Allreduce
-    assert not _use_node_shared(small_config("train.shard_optimizer=on"), comm(4, 4))
-    assert not _use_node_shared(small_config("train.node_shared=off"), comm(4, 4))
-    with pytest.raises(ConfigError, match="one node"):
-        _use_node_shared(small_config("train.node_shared=on"), comm(4, 2))
-    with pytest.raises(ConfigError, match="pick one"):
-        small_config("train.node_shared=on", "train.overlap_allreduce=true")
-
-
-def test_node_shared_needs_room_in_dev_shm(monkeypatch):
-    from types import SimpleNamespace
-
-    from dpbp import train
-    from dpbp.errors import ConfigError
-
-    one_node = SimpleNamespace(size=8, local_size=8)
-    monkeypatch.setattr(train, "_shm_free_bytes", lambda: 64 * 2**20)  # Docker's default /dev/shm
-    assert train._use_node_shared(small_config(), one_node, window_bytes=1 * 2**20) is False  # the reserve
-    assert train._use_node_shared(small_config(), one_node, window_bytes=0) is True
-    with pytest.raises(ConfigError, match="--shm-size"):
-        train._use_node_shared(small_config("train.node_shared=on"), one_node, window_bytes=100 * 2**20)
-    monkeypatch.setattr(train, "_shm_free_bytes", lambda: None)  # no /dev/shm to ask
-    assert train._use_node_shared(small_config(), one_node, window_bytes=100 * 2**20) is True
 
 
 # ----------------------------------------------------------------------------- reading crafted files

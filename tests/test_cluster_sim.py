@@ -106,22 +106,34 @@ def run_sh(cid: str, hosts: int, ranks_per_host: int, *cmd: str, netmod: str = "
                           capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
-def test_two_hosts_train_the_model_of_one_process(tmp_path, cluster_id):
-    cid, _ = cluster_id
-    one = [sys.executable, "-m", "dpbp.cli", "train", *TRAIN_ARGS, "--run-dir", str(tmp_path / "one")]
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The model one process trains with TRAIN_ARGS: what every simulated cluster must reproduce."""
+    folder = tmp_path_factory.mktemp("one")
+    one = [sys.executable, "-m", "dpbp.cli", "train", *TRAIN_ARGS, "--run-dir", str(folder)]
     serial = subprocess.run(one, capture_output=True, text=True, timeout=50, env=ENV)
     assert serial.returncode == 0, serial.stderr
+    return load_model(folder / "model.npz")
+
+
+@pytest.mark.parametrize(("hosts", "setting", "exchange"), [
+    (2, "train.node_shared=auto", "hierarchical: node-shared memory on each of 2 nodes"),  # the default
+    (3, "train.node_shared=auto", "hierarchical: node-shared memory on each of 3 nodes"),
+    (2, "train.node_shared=off", "one Allreduce per step"),
+])
+def test_hosts_train_the_model_of_one_process(tmp_path, cluster_id, one_process, hosts, setting, exchange):
+    cid, _ = cluster_id
     # tmp_path is on the shared filesystem: every simulated host writes and reads the same run dir.
-    dist = run_sh(cid, 2, 2, sys.executable, "-m", "dpbp.cli", "train", *TRAIN_ARGS,
-                  "--run-dir", str(tmp_path / "two-hosts"))
+    dist = run_sh(cid, hosts, 2, sys.executable, "-m", "dpbp.cli", "train", *TRAIN_ARGS, "--set", setting,
+                  "--run-dir", str(tmp_path / "hosts"))
     assert dist.returncode == 0, dist.stdout + dist.stderr
-    assert "4 ranks" in dist.stdout and dist.stdout.count("done:") == 1, dist.stdout
-    assert "gradients: one Allreduce per step" in dist.stdout  # several nodes: no node-shared exchange
+    assert f"{2 * hosts} ranks" in dist.stdout and dist.stdout.count("done:") == 1, dist.stdout
+    assert f"gradients: {exchange}" in dist.stdout, dist.stdout
     where = re.search(r"^cluster-sim: ranks by host: (.*)$", dist.stderr, re.M)
-    assert where and where.group(1) == "dpbp-h0=[0,1] dpbp-h1=[2,3]", dist.stderr
-    a = load_model(tmp_path / "one" / "model.npz")
-    b = load_model(tmp_path / "two-hosts" / "model.npz")
-    assert max_rel_diff(b.params, a.params) < 1e-10
+    expected = " ".join(f"dpbp-h{h}=[{2 * h},{2 * h + 1}]" for h in range(hosts))
+    assert where and where.group(1) == expected, dist.stderr
+    b = load_model(tmp_path / "hosts" / "model.npz")
+    assert max_rel_diff(b.params, one_process.params) < 1e-10
     assert_cluster_gone(cid)
 
 

@@ -288,13 +288,13 @@ def test_small_multiclass_problem_reaches_95_percent():
     model = MLP([2, 32, 32, 3], activation="tanh", seed=0)
     opt = Adam(model.n_params, "float32")
     train, test = slice(0, 2500), slice(2500, None)
+    grads = np.empty(model.n_params, np.float32)
     for _ in range(60):
         order = rng.permutation(2500)
         for start in range(0, 2500, 50):
             idx = order[start : start + 50]
-            stats = model.loss_and_grad_sum(X[idx], y[idx])
-            model.grads[...] /= stats.n
-            opt.step(model.params, model.grads, 0.01)
+            stats = model.loss_and_grad_sum(X[idx], y[idx], grads)
+            opt.step(model.params, grads, 0.01, grad_scale=1 / stats.n)
     accuracy = np.mean(np.argmax(model.predict(X[test]), axis=1) == y[test])
     assert accuracy > 0.95, accuracy
     assert train.stop == 2500

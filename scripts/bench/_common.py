@@ -71,7 +71,7 @@ def load_dpbp_config(layers, batch, optimizer, threads, n, lr=1e-3, extra: Seque
     return load_config(None, dpbp_overrides(layers, batch, optimizer, threads, n, lr, extra))
 
 
-SET_HELP = "extra dpbp config override key=value (repeatable), e.g. --set train.overlap_allreduce=true"
+SET_HELP = "extra dpbp config override key=value (repeatable), e.g. --set train.node_shared=off"
 
 
 def add_workload_args(p, *, batch_help: str = "global batch", writes: str = "CSV/PNG") -> None:

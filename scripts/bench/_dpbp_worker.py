@@ -6,14 +6,20 @@ Builds a ``Trainer`` over ``dpbp.comm.get_comm()`` (MPIComm under an MPI launche
 SerialComm otherwise), runs warm-up steps, then times each ``Trainer.step`` between a
 barrier and its end on every rank. The time of a step is the slowest rank's; the result
 is the median over the timed steps. ``--free-steps N`` then also times N steps back to back
-without barriers (mean step time). Rank 0 prints one line ``RESULT {json}``.
+without barriers (mean step time). ``--tx IFACE`` also reads the interface's byte counters
+(``/sys/class/net/IFACE/statistics``) on every host around the timed steps: the bytes each
+host sent and received per step (cluster-sim: what crossed its link). Rank 0 prints one line
+``RESULT {json}``. Only ``Trainer``, ``Trainer.step`` and ``dpbp.comm.get_comm`` are used, so
+the worker also times another checkout (``PYTHONPATH=that/checkout``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 import time
+from pathlib import Path
 
 import numpy as np
 from _common import (
@@ -41,6 +47,7 @@ def main() -> None:
                    help="then time this many steps back to back without barriers (0: skip)")
     p.add_argument("--rows", type=int, default=0, help="synthetic training rows (0: 40 reference batches)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument("--tx", metavar="IFACE", help="count the bytes IFACE sends and receives per timed step, per host")
     args = p.parse_args()
 
     from dpbp import data as data_mod
@@ -55,12 +62,19 @@ def main() -> None:
     blas_threads = [i.get("num_threads") for i in blas_entries()]
     order = data_mod.epoch_permutation(trainer.data.train.n_samples, cfg.train.seed, 0)
     times = []
+    counters = []
     for i in range(args.warmup + args.steps):
         comm.barrier()
+        if args.tx and i in (args.warmup, args.warmup + args.steps - 1):
+            counters.append(link_bytes(args.tx))
         t0 = time.perf_counter()
         train_step(trainer, order, i)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+    comm.barrier()
+    if args.tx:
+        counters[-1] = link_bytes(args.tx)
+    per_host = comm.allgather_obj((socket.gethostname(), counters))
     free_s = float("nan")
     if args.free_steps:  # DP: steps back to back, no barrier: what a real run sees (ranks may drift)
         comm.barrier()
@@ -79,8 +93,26 @@ def main() -> None:
             "steps": args.steps, "step_ms": step_s * 1e3, "samples_per_s": trainer.batch_size / step_s,
             "step_ms_min": float(per_step.min()) * 1e3, "comm": type(comm).__name__,
             "set": args.set, "free_step_ms": free_s * 1e3, "free_samples_per_s": trainer.batch_size / free_s,
+            "exchange": exchange_name(trainer),
+            "n_params": trainer.model.n_params, "itemsize": trainer.model.dtype.itemsize,
         }
+        if args.tx:  # one reading per host (its ranks share the interface): (after - before) / steps
+            hosts = dict(per_host)
+            result["tx_bytes_per_step"] = {h: (c[1][0] - c[0][0]) / args.steps for h, c in sorted(hosts.items())}
+            result["rx_bytes_per_step"] = {h: (c[1][1] - c[0][1]) / args.steps for h, c in sorted(hosts.items())}
         print("RESULT " + json.dumps(result), flush=True)
+
+
+def exchange_name(trainer) -> str:
+    """The start-up header's words for the exchange (``trainer.exchange`` is a string in older checkouts)."""
+    ex = getattr(trainer, "exchange", "")
+    return getattr(ex, "name", str(ex))
+
+
+def link_bytes(iface: str) -> tuple[int, int]:
+    """(tx_bytes, rx_bytes) of network interface ``iface`` (Linux counters)."""
+    stats = Path("/sys/class/net") / iface / "statistics"
+    return int((stats / "tx_bytes").read_text()), int((stats / "rx_bytes").read_text())
 
 
 if __name__ == "__main__":

@@ -162,9 +162,9 @@ def main() -> None:
     parts = {
         "data": arrays_under(trainer.data, seen),
         # train.node_shared: params, optimizer state and every rank's gradient slot, mapped by all ranks
-        "node_window": arrays_under([model.params] if getattr(trainer, "node", None) is not None else [], seen),
-        "params+grads": arrays_under([model.params, model.grads], seen),
-        "reduce_buf": arrays_under(trainer.reduce_buf, seen),
+        "node_window": arrays_under([model.params] if trainer.exchange.copies == "per node" else [], seen),
+        "params": arrays_under([model.params], seen),
+        "exchange": arrays_under(trainer.exchange, seen),  # gradient (+ tail) buffer, the span's sum
         "optimizer": arrays_under(trainer.optimizer, seen),
         "gather_buffers": arrays_under([trainer.x_shard, trainer.y_shard], seen),
         "workspace": arrays_under(model, seen),
@@ -197,8 +197,8 @@ def main() -> None:
     header(f"memory.py: {comm.size} ranks x {threads} threads, model {args.model}, global batch {args.batch}, "
            f"{args.optimizer}, {rows} rows from {args.source} ({cfg.data.train}), after {args.steps} steps (MB = MiB)")
     print_table(rows_all, [("rank", "rank", ""), ("baseline_MB", "baseline", ".1f"), ("data_MB", "data", ".1f"),
-                           ("node_window_MB", "node window", ".1f"), ("params+grads_MB", "params+grads", ".1f"),
-                           ("reduce_buf_MB", "reduce buf", ".1f"),
+                           ("node_window_MB", "node window", ".1f"), ("params_MB", "params", ".1f"),
+                           ("exchange_MB", "exchange", ".1f"),
                            ("optimizer_MB", "optim", ".1f"), ("gather_buffers_MB", "gather", ".1f"),
                            ("workspace_MB", "workspace", ".1f"), ("other_MB", "other", ".1f"),
                            ("expected_MB", "base+acct", ".1f"), ("ru_maxrss_MB", "ru_maxrss", ".1f"),

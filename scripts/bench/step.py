@@ -177,7 +177,7 @@ class Instrumented:
     ``trainer.optimizer.step`` and the communicator's collectives. dpbp's files are not touched;
     whatever the current step does in between is "rest of the step"."""
 
-    COMM_METHODS = ("allreduce_", "iallreduce_", "waitall", "reduce_scatter_", "allgather_", "bcast_", "barrier")
+    COMM_METHODS = ("allreduce_", "node_barrier", "bcast_", "barrier")
 
     def __init__(self, trainer):
         from dpbp import data as data_mod

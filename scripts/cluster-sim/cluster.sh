@@ -13,7 +13,7 @@
 #
 # Usage:
 #   cluster.sh up ID --hosts K [--subnet 10.213.0] [--owner PID] [--netem ARGS] [--qdisc ARGS]
-#                              [--tcp-retries2 N]
+#                              [--rate RATE] [--mtu BYTES] [--tcp-retries2 N]
 #   cluster.sh exec ID HOST CMD...      HOST: dpbp-hN, hN, dpbp-head or head
 #   cluster.sh down ID                  kill what runs in ID's namespaces, delete them and the state
 #   cluster.sh list                     simulated clusters on this machine and their owners
@@ -49,8 +49,18 @@ in_ns() {
     ip netns exec "$ns" "$@"
 }
 
+# A token-bucket qdisc that holds a host's egress to RATE (tc units: 1gbit, 10gbit, 500mbit): the bucket
+# holds 10 ms at that rate (tbf needs at least rate/HZ), the queue 100 ms before packets drop.
+rate_qdisc() {
+    local rate=$1 bits
+    [[ $rate =~ ^([0-9]+)(k|m|g)bit$ ]] || die "up: --rate must look like 500mbit, 1gbit or 10gbit, got '$rate'"
+    case ${BASH_REMATCH[2]} in k) bits=1000 ;; m) bits=1000000 ;; g) bits=1000000000 ;; esac
+    bits=$((BASH_REMATCH[1] * bits))
+    echo "tbf rate $rate burst $((bits / 800 > 65536 ? bits / 800 : 65536)) latency 100ms"
+}
+
 cmd_up() {
-    local id=$1 hosts="" subnet=10.213.0 owner=$PPID qdisc="" retries2=""
+    local id=$1 hosts="" subnet=10.213.0 owner=$PPID qdisc="" retries2="" mtu=""
     shift
     check_id "$id"
     while [ $# -gt 0 ]; do
@@ -60,12 +70,16 @@ cmd_up() {
             --owner) owner=$2; shift 2 ;;
             --netem) qdisc="netem $2"; shift 2 ;;
             --qdisc) qdisc=$2; shift 2 ;;
+            --rate) qdisc=$(rate_qdisc "$2"); shift 2 ;;
+            --mtu) mtu=$2; shift 2 ;;
             --tcp-retries2) retries2=$2; shift 2 ;;
             *) die "up: unknown option '$1'" ;;
         esac
     done
     [[ $hosts =~ ^[0-9]+$ ]] && [ "$hosts" -ge 1 ] && [ "$hosts" -le 200 ] || die "up: --hosts must be 1..200"
     [[ $subnet =~ ^10\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || die "up: --subnet must be the first 3 octets of a 10.x /24"
+    [ -z "$mtu" ] || { [[ $mtu =~ ^[0-9]+$ ]] && [ "$mtu" -ge 576 ] && [ "$mtu" -le 65535 ]; } ||
+        die "up: --mtu must be 576..65535"
     local state=$STATE_ROOT/$id
     # mkdir claims the id atomically; exit status 3 tells run.sh that the id is someone else's.
     mkdir -p "$STATE_ROOT"
@@ -105,6 +119,10 @@ cmd_up() {
         in_ns "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 \
             2>/dev/null || true
         ip -n "$hub" link add "$name" type veth peer name eth0 netns "$ns"
+        if [ -n "$mtu" ]; then
+            ip -n "$hub" link set "$name" mtu "$mtu"
+            ip -n "$ns" link set eth0 mtu "$mtu"
+        fi
         ip -n "$hub" link set "$name" master br0 up
         ip -n "$ns" addr add "$addr/24" dev eth0
         ip -n "$ns" link set lo up

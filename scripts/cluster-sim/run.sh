@@ -11,6 +11,8 @@
 #   --subnet A.B.C        the hosts' /24 [10.213.0]; it exists only inside the namespaces
 #   --netem "ARGS"        tc qdisc ... root netem ARGS on every host's eth0 (needs sch_netem)
 #   --qdisc "SPEC"        any other egress qdisc, e.g. "tbf rate 1gbit burst 64kb latency 20ms"
+#   --rate RATE           hold every host's egress to RATE (1gbit, 10gbit, ...) with a token bucket (tbf)
+#   --mtu BYTES           MTU of every host's link [1500]; 9000: jumbo frames, as cluster networks use
 #   --tcp-retries2 N      net.ipv4.tcp_retries2 in every namespace (kernel default 15: ~15 min)
 #   --no-hostnames        skip the `hostname` probe run that prints which rank runs where
 #   --mpiexec-arg ARG     extra mpiexec argument (repeatable), e.g. --mpiexec-arg -verbose
@@ -38,7 +40,7 @@ while [ $# -gt 0 ]; do
         --netmod) netmod=$2; shift 2 ;;
         --id) id=$2; shift 2 ;;
         --subnet) subnet=$2; shift 2 ;;
-        --netem | --qdisc | --tcp-retries2) up_args+=("$1" "$2"); shift 2 ;;
+        --netem | --qdisc | --rate | --mtu | --tcp-retries2) up_args+=("$1" "$2"); shift 2 ;;
         --no-hostnames) hostnames=0; shift ;;
         --mpiexec-arg) extra+=("$2"); shift 2 ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;

@@ -1,7 +1,8 @@
-"""Run under mpirun with several ranks: N ranks train the same model as 1 rank.
+"""Run under mpirun with several ranks: N ranks train the same model as 1 rank, on every exchange.
 
-Every rank computes the 1-rank reference itself with SerialComm over the same
-config, then compares with the MPI result. Launched by tests/test_mpi_runs.py.
+Every rank computes the 1-rank reference itself with SerialComm over the same config, then
+compares with the MPI result. Each test that involves the exchange is written once and runs on
+every one of them (helpers.EXCHANGES). Launched by tests/test_mpi_runs.py at 2, 3 and 4 ranks.
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ import time
 
 import numpy as np
 import pytest
-from helpers import max_rel_diff, small_config
+from helpers import EXCHANGES, check_exchange, exchange_comm, exchange_setting, max_rel_diff, small_config
 
 from dpbp.comm import MPIComm, SerialComm
-from dpbp.train import Trainer, evaluate
+from dpbp.train import Trainer, TrainingError, evaluate
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
 
-def quiet(cfg, comm):
-    return Trainer(cfg, comm, None, echo=lambda text: None)
+def quiet(cfg, comm, run_dir=None):
+    return Trainer(cfg, comm, run_dir, echo=lambda text: None)
 
 
 @pytest.fixture(params=["serial", "mpi"])
@@ -29,16 +30,12 @@ def comm(request):
     return SerialComm() if request.param == "serial" else MPIComm()
 
 
-# The two ways N ranks on one node combine gradients: one MPI Allreduce, or node-shared memory.
-EXCHANGES = ["train.node_shared=off", "train.node_shared=on"]
-
-
-@pytest.mark.parametrize("exchange", EXCHANGES)
+@pytest.mark.parametrize("kind", EXCHANGES)
 @pytest.mark.parametrize("batch", [17, 2, 1])  # 2 and 1 leave some ranks with zero rows
-def test_one_step_equals_one_rank(batch, exchange):
-    cfg = small_config(f"train.batch_size={batch}", "train.optimizer=sgd", exchange)
-    ref, dist = quiet(cfg, SerialComm()), quiet(cfg, MPIComm())
-    assert (dist.node is not None) == exchange.endswith("on")
+def test_one_step_equals_one_rank(batch, kind):
+    cfg = small_config(f"train.batch_size={batch}", "train.optimizer=sgd", exchange_setting(kind))
+    ref, dist = quiet(cfg, SerialComm()), quiet(cfg, exchange_comm(kind))
+    check_exchange(dist, kind)
     order = np.arange(ref.data.train.n_samples)
     ref_out = ref.step(order, 3)
     dist_out = dist.step(order, 3)
@@ -48,29 +45,34 @@ def test_one_step_equals_one_rank(batch, exchange):
     assert max_rel_diff(dist.model.params, ref.model.params) < 1e-12
 
 
-@pytest.mark.parametrize("exchange", EXCHANGES)
+@pytest.mark.parametrize("kind", EXCHANGES)
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "rmsprop", "adam"])
-def test_whole_run_equals_one_rank(optimizer, exchange):
-    cfg = small_config(f"train.optimizer={optimizer}", "train.schedule=cosine", "train.warmup_epochs=0.5", exchange)
+def test_whole_run_equals_one_rank(optimizer, kind):
+    cfg = small_config(f"train.optimizer={optimizer}", "train.schedule=cosine", "train.warmup_epochs=0.5",
+                       "train.weight_decay=0.01", exchange_setting(kind))
     ref = quiet(cfg, SerialComm()).run()
-    dist = quiet(cfg, MPIComm()).run()
+    world = exchange_comm(kind)
+    dist = quiet(cfg, world).run()
     assert max_rel_diff(dist.model.params, ref.model.params) < 1e-10
     assert ref.state.global_step == dist.state.global_step == 2 * 16
     for a, b in zip(ref.history, dist.history):
         assert abs(a["val_loss"] - b["val_loss"]) <= 1e-10 * a["val_loss"]
         assert a["val_accuracy"] == b["val_accuracy"]
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-10)
+    digests = world.comm.allgather(dist.model.params.tobytes())  # and the very same weights on every rank
+    assert all(d == digests[0] for d in digests)
 
 
-@pytest.mark.parametrize("exchange", EXCHANGES)
-def test_weights_identical_on_every_rank_after_training(exchange):
-    world = MPIComm()
-    result = quiet(small_config(exchange, dtype="float32"), world).run()
+@pytest.mark.parametrize("kind", EXCHANGES)
+def test_weights_identical_on_every_rank_after_training(kind):
+    world = exchange_comm(kind)
+    result = quiet(small_config(exchange_setting(kind), dtype="float32"), world).run()
     digests = world.comm.allgather(result.model.params.tobytes())
     assert all(d == digests[0] for d in digests)
 
 
 def test_initial_weights_agree_and_divergence_is_caught():
-    from dpbp.train import TrainingError, check_in_sync
+    from dpbp.comm import check_in_sync
 
     world = MPIComm()
     trainer = quiet(small_config("train.node_shared=off"), world)  # private copies of the weights
@@ -131,99 +133,56 @@ def _mid_epoch(folder):
     return paths[len(paths) // 2]
 
 
-@pytest.mark.parametrize("exchange", EXCHANGES)
+@pytest.mark.parametrize("kind", EXCHANGES)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_resume_on_the_same_rank_count_is_bit_identical(dtype, exchange):
+def test_resume_on_the_same_rank_count_is_bit_identical(dtype, kind):
     from pathlib import Path
 
-    world = MPIComm()
+    world = exchange_comm(kind)
     folder = Path(_shared_dir(world))
-    cfg = small_config("train.epochs=3", "checkpoint.every_steps=5", "checkpoint.keep=100", exchange, dtype=dtype)
-    full = Trainer(cfg, world, folder, echo=lambda s: None).run()
+    cfg = small_config("train.epochs=3", "checkpoint.every_steps=5", "checkpoint.keep=100", exchange_setting(kind),
+                       dtype=dtype)
+    full = quiet(cfg, world, folder).run()
     resumed = quiet(cfg, world)
+    check_exchange(resumed, kind)
     resumed.restore(_mid_epoch(folder / "checkpoints"))
     out = resumed.run()
     np.testing.assert_array_equal(out.model.params, full.model.params)
 
 
-@pytest.mark.parametrize("exchange", EXCHANGES)
-def test_resume_on_another_rank_count_matches_to_rounding(exchange):
+@pytest.mark.parametrize("kind", EXCHANGES)
+def test_resume_on_another_rank_count_matches_to_rounding(kind):
     import tempfile
     from pathlib import Path
 
-    world = MPIComm()
-    cfg = small_config("train.epochs=3", "checkpoint.every_steps=5", "checkpoint.keep=100", exchange)
+    world = exchange_comm(kind)
+    cfg = small_config("train.epochs=3", "checkpoint.every_steps=5", "checkpoint.keep=100", exchange_setting(kind))
     # A checkpoint written by 1 rank, continued on N ranks ...
     local = Path(tempfile.mkdtemp(prefix="dpbp-serial-"))
-    serial_full = Trainer(cfg, SerialComm(), local, echo=lambda s: None).run()
+    serial_full = quiet(cfg, SerialComm(), local).run()
     on_n = quiet(cfg, world)
     on_n.restore(_mid_epoch(local / "checkpoints"))
     assert max_rel_diff(on_n.run().model.params, serial_full.model.params) < 1e-10
     # ... and one written by N ranks, continued on 1 rank.
     shared = Path(_shared_dir(world))
-    Trainer(cfg, world, shared, echo=lambda s: None).run()
+    quiet(cfg, world, shared).run()
     on_one = quiet(cfg, SerialComm())
     on_one.restore(_mid_epoch(shared / "checkpoints"))
     assert max_rel_diff(on_one.run().model.params, serial_full.model.params) < 1e-10
 
 
-@pytest.mark.parametrize("bucket_mb", [0.0001, 4.0])
-def test_overlapped_bucket_reduction_equals_one_rank(bucket_mb):
-    cfg = small_config("train.overlap_allreduce=true", f"train.bucket_mb={bucket_mb}", "train.batch_size=5",
-                       "train.shard_optimizer=off")
-    world = MPIComm()
-    dist = quiet(cfg, world)
-    assert len(dist.buckets) == (3 if bucket_mb < 0.001 else 1)
-    ref = quiet(small_config("train.batch_size=5"), SerialComm()).run()
-    assert max_rel_diff(dist.run().model.params, ref.model.params) < 1e-10
-
-
-@pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adam"])
-def test_sharded_optimizer_equals_one_rank(optimizer):
-    cfg = small_config("train.shard_optimizer=on", f"train.optimizer={optimizer}", "train.batch_size=5")
-    world = MPIComm()
-    dist = quiet(cfg, world)
-    assert dist.shard is not None and sum(dist.shard.counts) == dist.model.n_params
-    ref = quiet(small_config(f"train.optimizer={optimizer}", "train.batch_size=5"), SerialComm()).run()
-    out = dist.run()
-    assert max_rel_diff(out.model.params, ref.model.params) < 1e-10
-    for a, b in zip(ref.history, out.history):
-        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-10)
-    digests = world.comm.allgather(out.model.params.tobytes())
-    assert all(d == digests[0] for d in digests)
-
-
-def test_sharded_checkpoints_resume_exactly_and_on_one_rank():
-    from pathlib import Path
-
-    world = MPIComm()
-    folder = Path(_shared_dir(world))
-    cfg = small_config("train.epochs=3", "checkpoint.every_steps=5", "checkpoint.keep=100",
-                       "train.shard_optimizer=on")
-    full = Trainer(cfg, world, folder, echo=lambda s: None).run()
-    middle = _mid_epoch(folder / "checkpoints")
-    resumed = quiet(cfg, world)
-    resumed.restore(middle)
-    np.testing.assert_array_equal(resumed.run().model.params, full.model.params)
-    on_one = quiet(cfg, SerialComm())  # the saved optimizer state is complete, not one rank's span
-    on_one.restore(middle)
-    assert max_rel_diff(on_one.run().model.params, full.model.params) < 1e-10
-
-
-@pytest.mark.parametrize("exchange", ["train.shard_optimizer=on", "train.node_shared=on"])
+@pytest.mark.parametrize("kind", EXCHANGES)
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_nonfinite_gradient_on_one_rank_is_agreed_and_names_the_layer(exchange, bad):
-    """Each rank sees only its span of the summed gradient; the NaN/Inf check must still be agreed."""
-    from dpbp.train import TrainingError
-
-    world = MPIComm()
-    t = quiet(small_config(exchange), world)
+def test_nonfinite_gradient_on_one_rank_is_agreed_and_names_the_layer(kind, bad):
+    """A rank may see only its span of the summed gradient; the NaN/Inf decision must still be agreed."""
+    world = exchange_comm(kind)
+    t = quiet(small_config(exchange_setting(kind)), world)
     real = t.model.loss_and_grad_sum
 
     def poisoned(*args, **kwargs):
         stats = real(*args, **kwargs)
         if world.rank == world.size - 1:
-            t.model.layer_views(t.grad)[1][2][0] = bad  # layer 3's bias, on one rank only
+            t.model.layer_views(t.exchange.grad)[1][2][0] = bad  # layer 3's bias, on one rank only
         return stats
 
     t.model.loss_and_grad_sum = poisoned
@@ -231,29 +190,10 @@ def test_nonfinite_gradient_on_one_rank_is_agreed_and_names_the_layer(exchange, 
         t.run()
 
 
-def test_node_shared_parameters_are_one_copy_per_node():
-    world = MPIComm()
-    t = quiet(small_config("train.node_shared=on"), world)
-    assert t.node is not None and t.shard is None
-    lo_hi = world.comm.allgather(t.node.span)
-    assert lo_hi[0][0] == 0 and lo_hi[-1][1] == t.model.n_params  # the spans tile the parameters
-    assert all(a[1] == b[0] for a, b in zip(lo_hi, lo_hi[1:]))
-    before = float(t.model.params[0])
-    world.barrier()
-    if world.rank == world.size - 1:
-        t.model.params[0] = 123.0  # one rank writes ...
-    world.node_barrier()
-    assert t.model.params[0] == 123.0  # ... every rank of the node reads it
-    assert t.model.weights[0][0, 0] == 123.0  # through the layer views as well
-    world.node_barrier()
-    if world.rank == 0:
-        t.model.params[0] = before
-    world.node_barrier()
-
-
-def test_node_shared_skip_nonfinite_skips_everywhere():
-    world = MPIComm()
-    cfg = small_config("train.node_shared=on", "train.on_nonfinite=skip", "train.epochs=1")
+@pytest.mark.parametrize("kind", EXCHANGES)
+def test_skip_nonfinite_skips_everywhere(kind):
+    world = exchange_comm(kind)
+    cfg = small_config(exchange_setting(kind), "train.on_nonfinite=skip", "train.epochs=1")
     t = quiet(cfg, world)
     real, calls = t.model.loss_and_grad_sum, []
 
@@ -261,7 +201,7 @@ def test_node_shared_skip_nonfinite_skips_everywhere():
         stats = real(*args, **kwargs)
         calls.append(1)
         if len(calls) == 3 and world.rank == 0:
-            t.model.layer_views(t.grad)[0][0][0, 0] = np.nan  # step 3, first layer, one rank
+            t.model.layer_views(t.exchange.grad)[0][0][0, 0] = np.nan  # step 3, first layer, one rank
         return stats
 
     t.model.loss_and_grad_sum = poisoned
@@ -269,7 +209,31 @@ def test_node_shared_skip_nonfinite_skips_everywhere():
     t.run(on_step_end=lambda tr: snapshots.append(tr.model.params.copy()) and False)
     np.testing.assert_array_equal(snapshots[1], snapshots[2])  # step 3 changed nothing
     assert not np.array_equal(snapshots[2], snapshots[3])  # step 4 trained again
-    assert np.all(np.isfinite(t.model.params))
+    assert np.all(np.isfinite(t.model.params)) and t.state.skipped_steps == 1
+
+
+@pytest.mark.parametrize("kind", ["shared", "hierarchical"])
+def test_node_shared_parameters_are_one_copy_per_node(kind):
+    world = exchange_comm(kind)
+    t = quiet(small_config(exchange_setting(kind)), world)
+    check_exchange(t, kind)
+    node = world._node
+    spans = node.allgather(t.exchange.span)
+    assert spans[0][0] == 0 and spans[-1][1] == t.model.n_params  # the node's spans tile the parameters
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert world.comm.allgather(t.exchange.span)[: node.Get_size()] == spans  # the same spans on every node
+    before = float(t.model.params[0])
+    world.barrier()
+    if world.local_rank == world.local_size - 1:
+        t.model.params[0] = 123.0 + world.rank  # one rank of each node writes ...
+    world.node_barrier()
+    writer = world.rank - world.local_rank + world.local_size - 1
+    assert t.model.params[0] == 123.0 + writer  # ... every rank of that node reads it
+    assert t.model.weights[0][0, 0] == 123.0 + writer  # through the layer views as well
+    world.node_barrier()
+    if world.local_rank == 0:
+        t.model.params[0] = before
+    world.node_barrier()
 
 
 @pytest.mark.parametrize("kind", ["mpi", "pipes"])

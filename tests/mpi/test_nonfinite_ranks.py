@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import EXCHANGES, check_exchange, exchange_comm, exchange_setting, max_rel_diff, small_config
 from helpers import invoke as invoke_cli
-from helpers import max_rel_diff, small_config
 
 from dpbp import checkpoint as ckpt
 from dpbp import rundir
@@ -23,20 +23,8 @@ from dpbp.train import Trainer, TrainingError
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
-# Every exchange, forced: one Allreduce, the sharded optimizer, node-shared memory.
-EXCHANGES = {
-    "allreduce": ("train.node_shared=off", "train.shard_optimizer=off"),
-    "sharded": ("train.shard_optimizer=on",),
-    "node_shared": ("train.node_shared=on",),
-}
-
-
 def shared_dir(world) -> Path:
     return Path(world.comm.bcast(tempfile.mkdtemp(prefix="dpbp-mpi-") if world.rank == 0 else None))
-
-
-def check_exchange(t: Trainer, name: str) -> None:
-    assert (t.node is not None, t.shard is not None) == (name == "node_shared", name == "sharded")
 
 
 def agreed_error(world, run) -> TrainingError:
@@ -52,9 +40,9 @@ def agreed_error(world, run) -> TrainingError:
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 @pytest.mark.parametrize("exchange", EXCHANGES)
 def test_nonfinite_parameters_end_every_rank_alike(exchange, mode):
-    world = MPIComm()
+    world = exchange_comm(exchange)
     folder = shared_dir(world)
-    cfg = small_config(*EXCHANGES[exchange], f"train.on_nonfinite={mode}", "train.epochs=3", dtype="float32")
+    cfg = small_config(exchange_setting(exchange), f"train.on_nonfinite={mode}", "train.epochs=3", dtype="float32")
     t = Trainer(cfg, world, folder, echo=lambda s: None)
     check_exchange(t, exchange)
     base = t.schedule
@@ -70,14 +58,15 @@ def test_nonfinite_parameters_end_every_rank_alike(exchange, mode):
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
 def test_a_hidden_nonfinite_parameter_stops_every_rank_before_the_checkpoint(exchange):
-    world = MPIComm()
+    world = exchange_comm(exchange)
     folder = shared_dir(world)
-    cfg = small_config(*EXCHANGES[exchange], "model.activation=tanh", "checkpoint.every_steps=2", "checkpoint.keep=100")
+    cfg = small_config(exchange_setting(exchange), "model.activation=tanh", "checkpoint.every_steps=2",
+                       "checkpoint.keep=100")
     t = Trainer(cfg, world, folder, echo=lambda s: None)
     check_exchange(t, exchange)
 
     def hide_inf(trainer: Trainer) -> bool:
-        if trainer.state.global_step == 3 and (trainer.node is None or world.rank == 0):  # node-shared: one copy
+        if trainer.state.global_step == 3 and (trainer.exchange.copies == "per rank" or world.local_rank == 0):
             trainer.model.weights[0][0, 0] = np.inf  # tanh hides it from the loss and the gradient
         return False
 
@@ -91,8 +80,8 @@ def test_a_hidden_nonfinite_parameter_stops_every_rank_before_the_checkpoint(exc
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
 def test_the_skip_bound_is_agreed_when_one_rank_sees_nan(exchange):
-    world = MPIComm()
-    cfg = small_config(*EXCHANGES[exchange], "train.on_nonfinite=skip", "train.max_skipped_steps=2")
+    world = exchange_comm(exchange)
+    cfg = small_config(exchange_setting(exchange), "train.on_nonfinite=skip", "train.max_skipped_steps=2")
     t = Trainer(cfg, world, None, echo=lambda s: None)
     check_exchange(t, exchange)
     real = t.model.loss_and_grad_sum
@@ -100,7 +89,7 @@ def test_the_skip_bound_is_agreed_when_one_rank_sees_nan(exchange):
     def poisoned(*args, **kwargs):
         stats = real(*args, **kwargs)
         if t.state.global_step >= 4 and world.rank == world.size - 1:
-            t.model.layer_views(t.grad)[0][1][0, 0] = np.nan  # layer 2's gradient, on one rank only
+            t.model.layer_views(t.exchange.grad)[0][1][0, 0] = np.nan  # layer 2's gradient, on one rank only
         return stats
 
     t.model.loss_and_grad_sum = poisoned
@@ -114,8 +103,8 @@ def test_the_skip_bound_is_agreed_when_one_rank_sees_nan(exchange):
 @pytest.mark.parametrize("exchange", EXCHANGES)
 def test_a_huge_finite_gradient_is_trained_on_as_on_one_rank(exchange, mode):
     """Its squared norm overflows float32, but it is finite: no exchange may take it for NaN/Inf."""
-    world = MPIComm()
-    cfg = small_config(*EXCHANGES[exchange], f"train.on_nonfinite={mode}", dtype="float32")
+    world = exchange_comm(exchange)
+    cfg = small_config(exchange_setting(exchange), f"train.on_nonfinite={mode}", dtype="float32")
     ref, dist = (Trainer(cfg, comm, None, echo=lambda s: None) for comm in (SerialComm(), world))
     check_exchange(dist, exchange)
     for t, here in ((ref, True), (dist, world.rank == world.size - 1)):
@@ -124,7 +113,7 @@ def test_a_huge_finite_gradient_is_trained_on_as_on_one_rank(exchange, mode):
         def huge(*args, t=t, here=here, real=real, **kwargs):
             stats = real(*args, **kwargs)
             if here:  # layer 2's first bias: its batch mean ~6e19 > sqrt(float32 max)
-                t.model.layer_views(t.grad)[1][1][0] += np.float32(1e21)
+                t.model.layer_views(t.exchange.grad)[1][1][0] += np.float32(1e21)
             return stats
 
         t.model.loss_and_grad_sum = huge
@@ -141,11 +130,11 @@ def test_a_huge_finite_gradient_is_trained_on_as_on_one_rank(exchange, mode):
 def invoke(*args):
     return invoke_cli(*args, comm="mpi")
 
-@pytest.mark.parametrize("exchange", EXCHANGES)
+@pytest.mark.parametrize("exchange", ["allreduce", "shared"])  # the CLI runs on the machine's real nodes
 def test_cli_exits_3_on_every_rank_and_keeps_the_last_good_checkpoint(exchange):
     world = MPIComm()
     folder = shared_dir(world)
-    sets = [a for item in ("data.train=spirals:n=300", "model.layers=[2,8,3]", *EXCHANGES[exchange])
+    sets = [a for item in ("data.train=spirals:n=300", "model.layers=[2,8,3]", exchange_setting(exchange))
             for a in ("--set", item)]
     first = invoke("train", *sets, "--batch-size", "30", "--epochs", "1", "--run-dir", folder)
     assert first.exit_code == 0, first.output
