@@ -38,3 +38,17 @@ class SaveError(DpbpError):
     """A file could not be written (full disk, read-only or missing folder)."""
 
     exit_code = 1
+
+
+class InputError(DpbpError, ValueError):
+    """Bad data or parameters given to the Python API (the scikit-learn estimators).
+
+    Also a ``ValueError``, as scikit-learn and its tools (``GridSearchCV``, the estimator
+    checks) expect of an estimator that refuses its input.
+    """
+
+
+class MissingExtraError(DpbpError, ImportError):
+    """An optional feature needs a package that is not installed; the message names the pip extra."""
+
+    exit_code = 1

@@ -210,8 +210,11 @@ def target_normalizer(cfg: Config) -> str:
     return kind
 
 
-def prepare_data(cfg: Config) -> PreparedData:
+def prepare_data(cfg: Config, train: data_mod.Dataset | None = None) -> PreparedData:
     """Load, check, split, encode and normalise the configured data sets.
+
+    ``train``: the raw training data held in memory (as ``load_source`` returns it: float ``x``,
+    labels or targets ``y``), used instead of reading ``data.train`` (the scikit-learn estimators).
 
     The labels' meaning is recorded from the training data (``Targets.fit``: classes from every
     row of ``data.train``, target scaling from the training split); later data is encoded by that
@@ -229,7 +232,11 @@ def prepare_data(cfg: Config) -> PreparedData:
         data_mod.check_features(ds, role)
         return ds
 
-    raw = load(d.train, "train")
+    if train is None:
+        raw = load(d.train, "train")
+    else:
+        data_mod.check_features(train, "train")
+        raw = train
     rows, val_rows = data_mod.split_rows(raw.n_samples, 0.0 if d.val else d.val_fraction, t.seed)
     pre = f"train data ({raw.source}): "
     targets = Targets.fit(task, raw.y, normalize=target_normalizer(cfg), rows=rows, where=raw.where, pre=pre,
@@ -695,6 +702,9 @@ class Trainer:
         self._last_saved: tuple[int, Path] | None = None  # (global step, file) of the newest save
         self._model_lineage: dict = {}  # rank 0: the lineage entry model.npz is made from
         self._claimed = False
+        self._best: tuple[np.ndarray, dict] | None = None  # without a run directory: the best parameters, kept here
+        # Called on every rank with each epoch's record (after metrics.jsonl); side effects belong to rank 0.
+        self.on_epoch_end: Callable[[dict], None] | None = None
         self.stop_votes = 0.0
         self.diag_every = max(1, self.steps_per_epoch // 10)  # gradient norms ~10 times an epoch
         self.node = None
@@ -1084,6 +1094,8 @@ class Trainer:
         if self.run_dir is not None:  # DP: a full disk on rank 0 ends every rank with one message
             all_or_nothing(self.comm, lambda: append_metrics(self.run_dir, record) if self.comm.is_root else None,
                            "appending to metrics.jsonl")
+        if self.on_epoch_end is not None:  # e.g. TensorBoard events; a failure on rank 0 ends every rank
+            all_or_nothing(self.comm, lambda: self.on_epoch_end(record), "writing the epoch's record")
         st.epoch += 1
         st.step_in_epoch = 0
         st.epoch_loss_sum = st.epoch_correct = st.epoch_count = 0.0
@@ -1134,10 +1146,18 @@ class Trainer:
         """``checkpoint.restore_best``: put the best-validation parameters back before the final model is saved.
 
         Rank 0 reads ``best.npz`` of this run's lineage and every rank receives its parameters
-        (collective). Without a best checkpoint (no validation data, no improvement) the last
-        parameters stay and rank 0 says so.
+        (collective); without a run directory, the copy kept in memory at the best epoch. Without a
+        best checkpoint (no validation data, no improvement) the last parameters stay and rank 0 says so.
         """
         if self.checkpoint_dir is None:
+            if self._best is None:
+                self.echo("warning: checkpoint.restore_best: no best model in this run; the final model is the last "
+                          "one")
+                return
+            params, info = self._best
+            self._set_params(params)  # the same copy on every rank
+            self.echo(f"restored the best model: epoch {info['epoch']}, val loss {info['val_loss']:.4f} "
+                      "(checkpoint.restore_best)")
             return
 
         def read():
@@ -1223,6 +1243,9 @@ class Trainer:
         self._require_finite_params("before writing a checkpoint")
         folder = self.checkpoint_dir
         if folder is None:
+            if best:  # checkpoint.restore_best without a run directory: the best parameters stay in memory
+                self._best = (self.model.params.copy(), {"epoch": self.state.epoch, "step": self.state.global_step,
+                                                         "val_loss": self.state.best_val_loss})
             return None
         st = self.state
         if best:
@@ -1281,13 +1304,7 @@ class Trainer:
             return arrays, state, history, run
 
         arrays, state, history, run = all_or_nothing(self.comm, load, f"reading checkpoint {path}")
-        if self.node is None or self.comm.local_rank == 0:  # DP: node-shared arrays: one rank writes them
-            self.model.params[...] = arrays["params"]
-            prefix = "optim_"
-            self.optimizer.load_state_dict({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
-        else:
-            self.optimizer.t = int(arrays["optim_t"])
-        self.comm.node_barrier()
+        self.load_state(arrays)
         self.state = state
         self.history = history
         self.resumed_from = rundir_mod.Resume(path, {**run, "step": state.global_step} if run else None)
@@ -1295,6 +1312,31 @@ class Trainer:
         self._model_lineage = {**(self._parent or {}), "step": state.global_step}
         self._last_saved = None
         check_in_sync(self.comm, self.model.params, "after loading the checkpoint")
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Copies of the parameters (``params``) and the optimizer state (``optim_<name>``, ``optim_t``).
+
+        Collective: identical on every rank (a sharded optimizer's spans are gathered first).
+        """
+        if self.shard is not None:  # DP: each rank's optimizer state is current on its span only
+            for state in self.optimizer.state.values():
+                self.comm.allgather_(state, self.shard.counts)
+        return {"params": self.model.params.copy(),
+                **{f"optim_{name}": value for name, value in self.optimizer.state_dict().items()}}
+
+    def load_state(self, arrays) -> None:
+        """Continue from parameters and optimizer state as ``state_arrays`` gives them (collective).
+
+        ``arrays``: any mapping holding ``params`` and the ``optim_*`` arrays of this optimizer,
+        checked by ``Optimizer.load_state_dict`` (ValueError on a mismatch).
+        """
+        if self.node is None or self.comm.local_rank == 0:  # DP: node-shared arrays: one rank writes them
+            self.model.params[...] = arrays["params"]
+            prefix = "optim_"
+            self.optimizer.load_state_dict({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+        else:
+            self.optimizer.t = int(arrays["optim_t"])
+        self.comm.node_barrier()
 
     # -------------------------------------------------------------- the run directory
 
