@@ -264,6 +264,10 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
             comm.is_root else None, f"checking the run directory {folder}", root_only=True)
     for line in notes:
         echo(line)
+    if cfg.run.tensorboard:  # before anything is written: the writer's package is there
+        from dpbp.tensorboard import require_writer
+
+        _agreed(comm, lambda: require_writer() and None if comm.is_root else None, "run.tensorboard", root_only=True)
     cfg = config_mod.replace(cfg, **{"run.dir": str(folder)})
     trainer = Trainer(cfg, comm, folder, echo=echo, stop_requested=lambda: stop.requested)
     trainer.stop_reason = lambda: stop.name or "a stop signal on another rank"
@@ -273,6 +277,11 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
     messages = trainer.claim_run_dir(command=["dpbp", *sys.argv[1:]], overwrite=overwrite, restart=restart,
                                      numbered=home is None)
     path, d, m = trainer.run_dir, trainer.data, cfg.model
+    if cfg.run.tensorboard:
+        from dpbp.tensorboard import EVENTS_DIR, TensorBoardLog
+
+        trainer.on_epoch_end = _agreed(comm, lambda: TensorBoardLog(path / EVENTS_DIR, comm),
+                                       f"opening the TensorBoard log in {path / EVENTS_DIR}", root_only=True)
     echo(f"dpbp {__version__}: {d.sizes} {m.activation}/{m.output}/{m.loss} {m.dtype} on {cfg.data.train!r} "
          f"({d.train.n_samples} train, {d.val.n_samples if d.val else 0} val"
          f"{f', {d.test.n_samples} test' if d.test else ''})")
@@ -284,13 +293,19 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
          f"{trainer.steps_per_epoch} steps/epoch, {cfg.train.optimizer} lr {cfg.train.lr:g}, run dir {path}")
     if comm.size > 1:
         echo(f"  gradients: {trainer.exchange}")
+    if trainer.on_epoch_end is not None:
+        echo(f"  TensorBoard events in {path / EVENTS_DIR} (tensorboard --logdir {path.parent})")
     for line in [*d.notes, *messages]:
         echo(f"  {line}")
     if point is not None:
         st = trainer.state
         echo(f"  resumed from {point.path}: epoch {st.epoch + 1}, step {st.step_in_epoch}/{trainer.steps_per_epoch} "
              f"(global step {st.global_step})")
-    result = trainer.run()
+    try:
+        result = trainer.run()
+    finally:
+        if trainer.on_epoch_end is not None:
+            trainer.on_epoch_end.close()
     f = result.final
     parts = [f"{f['epochs']} epochs, {f['steps']} steps in {f['seconds']:.1f}s"]
     for role in ("val", "test"):
