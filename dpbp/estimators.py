@@ -40,7 +40,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by a test that hides
 
 from dpbp import config as config_mod
 from dpbp import data as data_mod
-from dpbp.comm import SerialComm, get_comm
+from dpbp.comm import MPIComm, SerialComm, get_comm
 from dpbp.model import MLP
 from dpbp.targets import Targets
 from dpbp.train import PreparedData, Trainer, TrainingError, prepare_data, target_normalizer
@@ -77,17 +77,10 @@ def _communicator(kind: str):
     if kind == "serial":
         return SerialComm()
     if kind not in _COMMS:
-        import os
-
-        saved = os.environ.get("DPBP_COMM")
-        os.environ["DPBP_COMM"] = "mpi" if kind == "mpi" else (saved or "auto")
         try:
-            _COMMS[kind] = get_comm()
-        finally:
-            if saved is None:
-                del os.environ["DPBP_COMM"]
-            else:
-                os.environ["DPBP_COMM"] = saved
+            _COMMS[kind] = MPIComm() if kind == "mpi" else get_comm()  # get_comm: also DPBP_COMM=serial|mpi
+        except ImportError as exc:
+            raise MissingExtraError(f"comm='mpi' needs mpi4py ({exc}): pip install 'dpbp[mpi]'") from None
     return _COMMS[kind]
 
 
