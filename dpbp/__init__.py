@@ -1,12 +1,14 @@
 """dpbp: data-parallel backpropagation for multilayer perceptrons over MPI.
 
-``MLP`` and ``load_model`` are imported on first use, so that ``dpbp train`` can install its
-signal handlers before NumPy loads (see ``dpbp.cli.entry``).
+``MLP``, ``load_model``, the scikit-learn estimators ``MLPClassifier`` and ``MLPRegressor``
+(the ``sklearn`` extra) and ``export_onnx`` (the ``onnx`` extra) are imported on first use, so
+that ``dpbp train`` can install its signal handlers before NumPy loads (see ``dpbp.cli.entry``)
+and the optional packages are needed only by what uses them.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["MLP", "load_model", "__version__"]
+__all__ = ["MLP", "MLPClassifier", "MLPRegressor", "export_onnx", "load_model", "__version__"]
 
 
 def __getattr__(name: str):
@@ -18,4 +20,12 @@ def __getattr__(name: str):
         from dpbp.checkpoint import load_model
 
         return load_model
+    if name in ("MLPClassifier", "MLPRegressor"):
+        from dpbp import estimators
+
+        return getattr(estimators, name)
+    if name == "export_onnx":
+        from dpbp.onnx_export import export_onnx
+
+        return export_onnx
     raise AttributeError(f"module 'dpbp' has no attribute {name!r}")

@@ -268,6 +268,10 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
             comm.is_root else None, f"checking the run directory {folder}", root_only=True)
     for line in notes:
         echo(line)
+    if cfg.run.tensorboard:  # before anything is written: the writer's package is there
+        from dpbp.tensorboard import require_writer
+
+        _agreed(comm, lambda: require_writer() and None if comm.is_root else None, "run.tensorboard", root_only=True)
     cfg = config_mod.replace(cfg, **{"run.dir": str(folder)})
     trainer = Trainer(cfg, comm, folder, echo=echo, stop_requested=lambda: stop.requested)
     trainer.stop_reason = lambda: stop.name or "a stop signal on another rank"
@@ -574,6 +578,34 @@ def _write_predictions(path: str, out, targets) -> None:
         writer.writerow(header)
         for i, row in enumerate(values.tolist()):
             writer.writerow([*(v for part in first for v in part[i]), *map(number, row)])
+
+
+@main.command(epilog="""\b
+Examples:
+  dpbp export --model runs/run-001/model.npz --output model.onnx
+  dpbp export --model runs/iris/checkpoints/best.npz --output iris.onnx
+  python -c "import onnxruntime as rt, numpy as np; s = rt.InferenceSession('model.onnx'); \\
+             print(s.run(None, {'input': np.zeros((1, 2), np.float32)}))"
+""")
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="A model.npz or any checkpoint (checkpoints/step-N.npz, best.npz) written by dpbp train.")
+@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
+              help="The .onnx file to write (replaced atomically if it exists).")
+@one_process
+def export(model_path, output_path):
+    """Write a model as a standard ONNX graph (needs pip install 'dpbp[onnx]').
+
+    \b
+    The graph takes raw features named 'input' (N, features) in the model's dtype: the input
+    normalisation, and a regression's target scaling, are folded into the weights. Outputs:
+    'probabilities' and 'label' (the class label as in training) for a classifier,
+    'probabilities' for binary targets, 'predictions' (in the targets' own units) for a
+    regression. Serve it with onnxruntime or any ONNX runtime (opset 17).
+    """
+    from dpbp.onnx_export import export_onnx
+
+    path = export_onnx(model_path, output_path)
+    click.echo(f"wrote {path}")
 
 
 # ----------------------------------------------------------------------------- diagnostics

@@ -74,6 +74,9 @@ class SerialComm:
     def node_barrier(self) -> None:
         """Wait for this node's ranks; their writes to node-shared arrays are visible afterwards."""
 
+    def free_node_shared(self) -> None:
+        """Give back every node-shared array (see MPIComm.free_node_shared). Here: nothing to free."""
+
     def phase(self, name: str):
         """Label what this rank is doing (see MPIComm.phase). Here: nothing to label."""
         return contextlib.nullcontext()
@@ -233,6 +236,21 @@ class MPIComm:
                 self._pipes = _PipeBarrier.create(self._node)  # None: polling with naps instead
         self.node_barrier()
         return array
+
+    def free_node_shared(self) -> None:
+        """Free every window ``node_shared_array`` made (collective over the node).
+
+        For processes that train several models in turn (the scikit-learn estimators): the
+        arrays must not be touched afterwards; copy out what is still needed first.
+        """
+        if not self._windows:
+            return
+        self.node_barrier()  # DP: nobody still reads a window that is about to go
+        with self._collective():
+            for win in self._windows:
+                win.Unlock_all()
+                win.Free()
+        self._windows.clear()
 
     def node_barrier(self) -> None:
         """Barrier over this node's ranks with the memory fences node-shared arrays need.

@@ -386,6 +386,13 @@ class RunConfig:
             "run; empty: a new numbered directory runs/run-NNN (when resuming: the checkpoint's own)",
         ),
     )
+    tensorboard: bool = field(
+        default=False,
+        metadata=_meta(
+            "also write the per-epoch metrics and per-layer gradient norms as TensorBoard event files into "
+            "<run dir>/tensorboard (rank 0; needs pip install 'dpbp[tensorboard]')"
+        ),
+    )
 
 
 @dataclass(frozen=True)

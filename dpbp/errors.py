@@ -59,3 +59,17 @@ class AgreedError(DpbpError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class InputError(DpbpError, ValueError):
+    """Bad data or parameters given to the Python API (the scikit-learn estimators).
+
+    Also a ``ValueError``, as scikit-learn and its tools (``GridSearchCV``, the estimator
+    checks) expect of an estimator that refuses its input.
+    """
+
+
+class MissingExtraError(DpbpError, ImportError):
+    """An optional feature needs a package that is not installed; the message names the pip extra."""
+
+    exit_code = 1

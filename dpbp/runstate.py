@@ -117,6 +117,9 @@ def save(trainer, best: bool = False) -> Path | None:
     t.require_finite_params("before writing a checkpoint")
     folder = t.checkpoint_dir
     if folder is None:
+        if best:  # checkpoint.restore_best without a run directory (the estimators): the best stays in memory
+            t.best_copy = (t.model.params.copy(), {"epoch": t.state.epoch, "step": t.state.global_step,
+                                                   "val_loss": t.state.best_val_loss})
         return None
     st = t.state
     if best:
@@ -172,9 +175,7 @@ def restore(trainer, path: str | Path) -> None:
         return arrays, state, history, run
 
     arrays, state, history, run = all_or_nothing(t.comm, load, f"reading checkpoint {path}")
-    prefix = "optim_"
-    t.exchange.write_params(t.model, arrays["params"], t.optimizer,
-                            {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+    t.load_state(arrays)
     t.state = state
     t.history = history
     t.resumed_from = rundir_mod.Resume(path, {**run, "step": state.global_step} if run else None)
@@ -188,11 +189,19 @@ def restore_best(trainer) -> None:
     """``checkpoint.restore_best``: put the best-validation parameters back before the final model is saved.
 
     Rank 0 reads ``best.npz`` of this run's lineage and every rank receives its parameters
-    (collective). Without a best checkpoint (no validation data, no improvement) the last
+    (collective); without a run directory, the copy kept in memory at the best epoch (the same on
+    every rank). Without a best checkpoint (no validation data, no improvement) the last
     parameters stay and rank 0 says so.
     """
     t = trainer
     if t.checkpoint_dir is None:
+        if t.best_copy is None:
+            t.echo("warning: checkpoint.restore_best: no best model in this run; the final model is the last one")
+            return
+        params, info = t.best_copy
+        t.exchange.write_params(t.model, params)
+        t.echo(f"restored the best model: epoch {info['epoch']}, val loss {info['val_loss']:.4f} "
+               "(checkpoint.restore_best)")
         return
 
     def read():

@@ -112,8 +112,11 @@ def target_normalizer(cfg: Config) -> str:
     return kind
 
 
-def prepare_data(cfg: Config) -> PreparedData:
+def prepare_data(cfg: Config, train: data_mod.Dataset | None = None) -> PreparedData:
     """Load, check, split, encode and normalise the configured data sets.
+
+    ``train``: the raw training data held in memory (as ``load_source`` returns it: float ``x``,
+    labels or targets ``y``), used instead of reading ``data.train`` (the scikit-learn estimators).
 
     The labels' meaning is recorded from the training data (``Targets.fit``: classes from every
     row of ``data.train``, target scaling from the training split); later data is encoded by that
@@ -131,7 +134,11 @@ def prepare_data(cfg: Config) -> PreparedData:
         data_mod.check_features(ds, role)
         return ds
 
-    raw = load(d.train, "train")
+    if train is None:
+        raw = load(d.train, "train")
+    else:
+        data_mod.check_features(train, "train")
+        raw = train
     rows, val_rows = data_mod.split_rows(raw.n_samples, 0.0 if d.val else d.val_fraction, t.seed)
     pre = f"train data ({raw.source}): "
     targets = Targets.fit(task, raw.y, normalize=target_normalizer(cfg), rows=rows, where=raw.where, pre=pre,
@@ -410,6 +417,8 @@ class Trainer:
                  echo: Callable[[str], None] | None = None, data: PreparedData | None = None,
                  stop_requested: Callable[[], bool] | None = None):
         self.cfg, self.comm = cfg, comm
+        if cfg.run.tensorboard and run_dir is None:
+            raise ConfigError("run.tensorboard", "true needs a run directory to write the events into")
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.echo = echo if echo is not None else print
         self.stop_requested = stop_requested or (lambda: False)
@@ -432,6 +441,10 @@ class Trainer:
         self.last_saved: tuple[int, Path] | None = None  # (global step, file) of the newest save
         self.model_lineage: dict = {}  # rank 0: the lineage entry model.npz is made from
         self._claimed = False
+        self.best_copy: tuple[np.ndarray, dict] | None = None  # without a run directory: the best parameters
+        # Called on every rank with each epoch's record (after metrics.jsonl); side effects belong to rank 0.
+        self.on_epoch_end: Callable[[dict], None] | None = None
+        self._events = None  # the TensorBoard log opened for run.tensorboard (dpbp.tensorboard.TensorBoardLog)
         self.stop_votes = 0.0
         self.diag_every = max(1, self.steps_per_epoch // 10)  # gradient norms ~10 times an epoch
         self.exchange = exchange_mod.choose(cfg, comm, self.model, self.optimizer)
@@ -648,6 +661,8 @@ class Trainer:
         if self.run_dir is not None:  # DP: a full disk on rank 0 ends every rank with one message
             all_or_nothing(self.comm, lambda: append_metrics(self.run_dir, record) if self.comm.is_root else None,
                            "appending to metrics.jsonl")
+        if self.on_epoch_end is not None:  # e.g. TensorBoard events; a failure on rank 0 ends every rank
+            all_or_nothing(self.comm, lambda: self.on_epoch_end(record), "writing the epoch's record")
         st.epoch += 1
         st.step_in_epoch = 0
         st.epoch_loss_sum = st.epoch_correct = st.epoch_count = 0.0
@@ -713,6 +728,24 @@ class Trainer:
         """Continue from checkpoint ``path`` (collective); see ``runstate.restore``."""
         runstate.restore(self, path)
 
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Copies of the parameters (``params``) and the optimizer state (``optim_<name>``, ``optim_t``).
+
+        Identical on every rank (the exchange keeps one whole copy of both on every rank or node).
+        """
+        return {"params": self.model.params.copy(),
+                **{f"optim_{name}": value for name, value in self.optimizer.state_dict().items()}}
+
+    def load_state(self, arrays) -> None:
+        """Continue from parameters and optimizer state as ``state_arrays`` gives them (collective).
+
+        ``arrays``: any mapping holding ``params`` and the ``optim_*`` arrays of this optimizer,
+        checked by ``Optimizer.load_state_dict`` (ValueError on a mismatch).
+        """
+        prefix = "optim_"
+        self.exchange.write_params(self.model, arrays["params"], self.optimizer,
+                                   {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+
     # -------------------------------------------------------------- the run directory
 
     def claim_run_dir(self, *, command: list[str] | None = None, overwrite: bool = False, restart: bool = False,
@@ -755,10 +788,23 @@ class Trainer:
                 self.last_saved = (self.state.global_step, resume.path)
             else:  # the state resumed from gets a checkpoint of this run: --resume auto finds it
                 self.save_checkpoint()
+        if self.cfg.run.tensorboard and self.on_epoch_end is None:
+            from dpbp.tensorboard import EVENTS_DIR, TensorBoardLog
+
+            self._events = all_or_nothing(self.comm, lambda: TensorBoardLog(self.run_dir / EVENTS_DIR, self.comm),
+                                          f"opening the TensorBoard log in {self.run_dir / EVENTS_DIR}",
+                                          root_only=True)
+            self.on_epoch_end = self._events
+            messages.append(f"TensorBoard events in {self.run_dir / EVENTS_DIR} "
+                            f"(tensorboard --logdir {self.run_dir.parent})")
         return messages
 
     def release_run_dir(self) -> None:
-        """Give up the run directory's lock (rank 0); the directory keeps everything written."""
+        """Close the TensorBoard log this run opened and give up the run directory's lock (rank 0);
+        the directory keeps everything written."""
+        if self._events is not None:
+            self._events.close()
+            self.on_epoch_end = self._events = None
         if self.rundir is not None:
             self.rundir.release()
 

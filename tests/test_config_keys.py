@@ -132,6 +132,7 @@ PROBES = {
     "checkpoint.keep_best": ("false", (), "files"),
     "checkpoint.restore_best": ("true", ("data.val=spirals:n=50,noise=0.5",), "model"),
     "run.dir": ("{folder}/elsewhere", (), "where"),
+    "run.tensorboard": ("true", (), "files"),
 }
 
 

@@ -415,3 +415,41 @@ def test_evaluate_with_different_data_per_rank_is_refused(tmp_path):
     proc = run([*mpirun(2), sys.executable, str(script), str(tmp_path)], timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.count("ranks do not have the same evaluation data: rank(s) [1]") == 1, proc.stderr
+
+
+# A user's script: every rank passes the full data; rank 0 alone prints (verbose) and writes the run directory.
+FIT_SCRIPT = """
+import os, sys
+import numpy as np
+from sklearn.datasets import load_digits
+from dpbp import MLPClassifier
+
+X, y = load_digits(return_X_y=True)
+est = MLPClassifier((32,), batch_size=37, max_iter=4, learning_rate_init=0.003, dtype="float64", random_state=2,
+                    early_stopping=True, verbose=True, run_dir=sys.argv[1]).fit(X, y)
+rank = os.environ.get("PMI_RANK", "single")
+np.savez(os.path.join(sys.argv[2], f"rank-{rank}.npz"), params=est.model_.params, pred=est.predict(X),
+         score=est.score(X, y))
+"""
+
+
+def test_a_script_fitting_under_mpirun_equals_one_process(tmp_path):
+    script = tmp_path / "fit.py"
+    script.write_text(FIT_SCRIPT)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "four").mkdir()
+    one = run([sys.executable, str(script), str(tmp_path / "runs-one"), str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    four = run([*mpirun(4), sys.executable, str(script), str(tmp_path / "runs-four"), str(tmp_path / "four")])
+    assert four.returncode == 0, four.stdout + four.stderr
+    for line in ("epoch 4/4:", "restored the best model"):  # printed by rank 0 alone
+        assert four.stdout.count(line) == one.stdout.count(line) == 1, four.stdout
+    assert [p.name for p in (tmp_path / "runs-four").iterdir()] == ["run-001"]  # one run directory, one model
+    ref = np.load(tmp_path / "one" / "rank-single.npz")
+    ranks = [np.load(tmp_path / "four" / f"rank-{r}.npz") for r in range(4)]
+    for r in ranks:  # the fitted estimator is complete on every rank
+        assert max_rel_diff(r["params"], ref["params"]) < 1e-10
+        np.testing.assert_array_equal(r["pred"], ref["pred"])
+        assert r["score"] == ref["score"] > 0.8
+    saved = load_model(tmp_path / "runs-four" / "run-001" / "model.npz")
+    assert max_rel_diff(saved.params, load_model(tmp_path / "runs-one" / "run-001" / "model.npz").params) < 1e-10
