@@ -519,6 +519,9 @@ def get_comm():
     choice = os.environ.get("DPBP_COMM", "auto").lower()
     if choice not in ("auto", "serial", "mpi"):
         raise CommError(f"DPBP_COMM must be auto, serial or mpi, not {choice!r}")
+    if "DPBP_WAIT" in os.environ:  # no variable is silently ignored
+        raise CommError("DPBP_WAIT no longer exists (yielding in MPI waits measured no gain and was removed, "
+                        "see scripts/bench/README.md); unset it")
     if choice == "serial" or (choice == "auto" and not launched_by_mpi()):
         return SerialComm()
     try:

@@ -467,6 +467,38 @@ def _check_restore_best(cfg: Config) -> str | None:
     return "true needs checkpoint.keep_best = true (the best model is read back from best.npz)"
 
 
+# Keys that act only in some settings: (key, when it acts, the test). A value other than the default
+# where the key does nothing is refused by name (no key is silently ignored).
+_APPLIES: tuple[tuple[str, str, Callable[[Config], bool]], ...] = (
+    ("train.momentum", "train.optimizer = momentum", lambda c: c.train.optimizer == "momentum"),
+    ("train.nesterov", "train.optimizer = momentum", lambda c: c.train.optimizer == "momentum"),
+    ("train.beta1", "train.optimizer = adam", lambda c: c.train.optimizer == "adam"),
+    ("train.beta2", "train.optimizer = adam", lambda c: c.train.optimizer == "adam"),
+    ("train.rho", "train.optimizer = rmsprop", lambda c: c.train.optimizer == "rmsprop"),
+    ("train.eps", "train.optimizer = rmsprop or adam", lambda c: c.train.optimizer in ("rmsprop", "adam")),
+    ("train.step_epochs", "train.schedule = step", lambda c: c.train.schedule == "step"),
+    ("train.gamma", "train.schedule = step", lambda c: c.train.schedule == "step"),
+    ("train.min_lr", "train.schedule = cosine", lambda c: c.train.schedule == "cosine"),
+    ("train.max_skipped_steps", "train.on_nonfinite = skip", lambda c: c.train.on_nonfinite == "skip"),
+    ("train.min_delta", "train.early_stopping_patience > 0 or checkpoint.keep_best (it decides what improved)",
+     lambda c: c.train.early_stopping_patience > 0 or c.checkpoint.keep_best),
+    ("data.val_fraction", "data.val is empty (the validation set is then split off data.train)",
+     lambda c: c.data.val == ""),
+)
+
+
+def _applies_check(key: str, when: str, acts: Callable[[Config], bool]) -> Callable[[Config], str | None]:
+    section, name = key.split(".")
+
+    def check(cfg: Config) -> str | None:
+        value = getattr(getattr(cfg, section), name)
+        if acts(cfg) or value == getattr(_SECTIONS[section](), name):
+            return None
+        return f"{value!r} would change nothing: it applies only when {when}; remove it, or set that too"
+
+    return check
+
+
 _CROSS_CHECKS: tuple[tuple[str, str, Callable[[Config], str | None]], ...] = (
     (
         "model.loss",
@@ -493,6 +525,9 @@ _CROSS_CHECKS: tuple[tuple[str, str, Callable[[Config], str | None]], ...] = (
         "`true` needs `checkpoint.keep_best = true`",
         _check_restore_best,
     ),
+    *((key, f"a value other than the default needs {when} (elsewhere it would change nothing)",
+       _applies_check(key, when, acts))
+      for key, when, acts in _APPLIES),
 )
 
 
@@ -708,6 +743,10 @@ def _build(raw: Mapping[str, Any]) -> Config:
     """Config from a nested mapping; missing keys take defaults. Raises ConfigError."""
     if not isinstance(raw, Mapping):
         raise ConfigError("", f"expected a table of sections, got {_show(raw)}")
+    retired = [f"{s}.{k}" for s, t in raw.items() if isinstance(t, Mapping) for k in t if f"{s}.{k}" in RETIRED]
+    if len(retired) > 1:  # name them all at once: a config written by an earlier dpbp holds all of them
+        raise ConfigError(retired[0], f"{', '.join(retired)} no longer exist ("
+                          + "; ".join(f"{k}: {RETIRED[k]}" for k in retired) + "); remove them from the config")
     for name in raw:
         if name not in _SECTIONS:
             raise _unknown(str(name))

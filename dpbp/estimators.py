@@ -231,6 +231,10 @@ class _DpbpMLP(BaseEstimator):
             value = dotted[key]
             if isinstance(value, numbers.Real) and not isinstance(value, bool):
                 dotted[key] = float(value)
+        for key, solvers in (("train.momentum", ("momentum",)), ("train.nesterov", ("momentum",)),
+                             ("train.beta1", ("adam",)), ("train.beta2", ("adam",)), ("train.eps", ("adam", "rmsprop"))):
+            if self.solver not in solvers:  # as in scikit-learn, a solver's parameters mean nothing to the others
+                dotted.pop(key)
         try:
             return config_mod.replace(config_mod.default_config(), **dotted, **extra)
         except config_mod.ConfigError as exc:

@@ -284,4 +284,9 @@ def choose(cfg, comm, model, optimizer) -> Exchange:
                             "choosing the gradient exchange")
     if comm.size > 1 and not comm.any(not shared):  # DP: shared only if every rank agrees
         return SharedMemory(model, optimizer, comm)
-    return Allreduce(model, comm)
+    exchange = Allreduce(model, comm)
+    if comm.size > 1 and cfg.train.node_shared == "auto":  # say why, in the header
+        sizes = comm.allgather_obj(comm.local_size)  # DP: every rank takes this branch alike
+        exchange.name += (f" (not shared memory: the nodes hold different numbers of ranks, {sorted(set(sizes))})"
+                          if len(set(sizes)) > 1 else f" (not shared memory: no room for its window in {SHM_DIR})")
+    return exchange

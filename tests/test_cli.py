@@ -543,3 +543,11 @@ def test_dtype_of_saved_params_matches_config(tmp_path, dtype):
     model = load_model(run_dir / "model.npz")
     assert model.dtype == np.dtype(dtype) and model.params.dtype == np.dtype(dtype)
     assert model.predict(np.zeros((2, 2), dtype)).dtype == np.dtype(dtype)
+
+
+def test_a_retired_environment_variable_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dpbp.cli", "train", *SMALL, "--epochs", "1", "--run-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "DPBP_WAIT": "yield", "DPBP_COMM": "serial"})
+    assert proc.returncode == 2 and proc.stderr.count("DPBP_WAIT no longer exists") == 1, proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -510,3 +510,34 @@ def test_data_header_takes_a_toml_boolean_and_model_shape_keys_override_by_prece
     assert error(C.load_config, None, ["model.layers=[4,9,3]", "model.hidden=[5]"]).key == "model.hidden"
     assert C.load_config(None, ["model.layers=[4,9,3]", "model.hidden=[9]"]).model.layers == [4, 9, 3]
     assert error(C.load_config, None, ["data.normalize_targets=standard"]).key == "data.normalize_targets"
+
+
+@pytest.mark.parametrize("key,when", [(k, w) for k, w, _ in C._APPLIES])
+def test_a_key_that_would_change_nothing_is_refused_by_name(key, when):
+    """No key is silently ignored: a non-default value where it does nothing is refused, naming the key and
+    the setting it needs; with that setting it is accepted."""
+    field = C._fields(key.split(".")[0])[key.split(".")[1]]
+    default = getattr(getattr(C.default_config(), key.split(".")[0]), key.split(".")[1])
+    other = {bool: (not default), int: default + 1, float: default / 2 if default else 0.001,
+             str: "spirals"}[field[0]]
+    off = {"train.optimizer": "sgd", "train.schedule": "constant", "train.on_nonfinite": "stop",
+           "train.early_stopping_patience": 0, "checkpoint.keep_best": False, "data.val": "xor"}
+    on = {"train.momentum": ["train.optimizer=momentum"], "train.nesterov": ["train.optimizer=momentum"],
+          "train.beta1": [], "train.beta2": [], "train.rho": ["train.optimizer=rmsprop"], "train.eps": [],
+          "train.step_epochs": ["train.schedule=step"], "train.gamma": ["train.schedule=step"],
+          "train.min_lr": ["train.schedule=cosine"], "train.max_skipped_steps": ["train.on_nonfinite=skip"],
+          "train.min_delta": [], "data.val_fraction": []}[key]
+    value = C._toml_value(other)
+    refused_with = [f"{k}={C._toml_value(v)}" for k, v in off.items() if k.split(".")[1] in when or k in when]
+    err = error(C.load_config, None, [*refused_with, f"{key}={value}"])
+    assert err.key == key and "would change nothing" in str(err) and when in str(err)
+    assert getattr(getattr(C.load_config(None, [*on, f"{key}={value}"]), key.split(".")[0]),
+                   key.split(".")[1]) == other
+
+
+def test_every_retired_key_is_named_at_once(tmp_path):
+    """A full config written by an earlier dpbp's `config show` holds every retired key: name them all."""
+    old = tmp_path / "old.toml"
+    old.write_text('[train]\nshard_optimizer = "auto"\noverlap_allreduce = false\nbucket_mb = 4.0\n')
+    err = error(C.load_config, str(old), [])
+    assert all(k in str(err) for k in ("train.shard_optimizer", "train.overlap_allreduce", "train.bucket_mb"))
