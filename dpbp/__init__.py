@@ -8,7 +8,13 @@ and the optional packages are needed only by what uses them.
 
 __version__ = "0.1.0"
 
-__all__ = ["MLP", "MLPClassifier", "MLPRegressor", "export_onnx", "load_model", "__version__"]
+# What ``from dpbp import *`` takes: the core only (the estimators and export_onnx need their extras).
+__all__ = ["MLP", "load_model", "__version__"]
+_LAZY = ("MLP", "MLPClassifier", "MLPRegressor", "export_onnx", "load_model")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
 
 
 def __getattr__(name: str):

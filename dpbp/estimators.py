@@ -194,6 +194,8 @@ class _DpbpMLP(BaseEstimator):
                              f"got {self.random_state!r}")
         patience = 0 if self.n_iter_no_change is None else self.n_iter_no_change
         stop_early = bool(self.early_stopping) and not incremental
+        if stop_early and not self.validation_fraction:
+            raise InputError("early_stopping=True needs validation_fraction > 0 (it stops on the validation score)")
         epochs = self.max_iter
         if incremental:  # one more epoch of one run: the shuffle and the history go on
             epochs = len(self.history_) + 1 if hasattr(self, "model_") else 1
@@ -232,7 +234,8 @@ class _DpbpMLP(BaseEstimator):
             if isinstance(value, numbers.Real) and not isinstance(value, bool):
                 dotted[key] = float(value)
         for key, solvers in (("train.momentum", ("momentum",)), ("train.nesterov", ("momentum",)),
-                             ("train.beta1", ("adam",)), ("train.beta2", ("adam",)), ("train.eps", ("adam", "rmsprop"))):
+                             ("train.beta1", ("adam",)), ("train.beta2", ("adam",)),
+                             ("train.eps", ("adam", "rmsprop"))):
             if self.solver not in solvers:  # as in scikit-learn, a solver's parameters mean nothing to the others
                 dotted.pop(key)
         try:
@@ -445,6 +448,14 @@ class MLPClassifier(ClassifierMixin, _DpbpMLP):
         return X, y
 
     def _encode_y(self, y, *, first: bool, classes, incremental: bool):
+        if not first and incremental and classes is not None:
+            try:
+                same = np.array_equal(np.unique(np.asarray(classes)), self.classes_)
+            except TypeError:
+                same = False
+            if not same:  # as scikit-learn: the classes are fixed by the first call
+                raise InputError(f"classes={list(np.asarray(classes))!r} is not the same as classes_="
+                                 f"{list(self.classes_)!r} of the first call to partial_fit")
         if first:
             labels = np.asarray(classes) if incremental else y
             if incremental and classes is None:

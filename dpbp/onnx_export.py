@@ -115,11 +115,21 @@ def build_graph(network: Network, name: str = "dpbp_mlp"):
 def export_onnx(source, output: str | os.PathLike) -> Path:
     """Write the ONNX graph of ``source`` to ``output``: a ``model.npz`` or checkpoint path, or a fitted estimator.
 
-    ``output`` must end in ``.onnx``; it is written atomically (a complete file or none).
+    ``output`` must end in ``.onnx``; it is written atomically (a complete file or none); an
+    estimator fitted under mpirun writes it on rank 0 alone (every rank returns the path).
     Returns its path. Raises MissingExtraError (no onnx package), CheckpointError (an unusable
     model file), DataError (bad output name or folder), SaveError (cannot write).
+
+    The graph takes the model's dtype. In float32 the folded input normalisation cannot keep
+    features with a large offset apart (a Unix time: 1.7e9 + seconds), which float32 inputs
+    cannot hold either: export a float64 model (``dtype="float64"``) for such data.
     """
     out = Path(output)
+    if hasattr(source, "_network"):  # a fitted estimator: under mpirun, rank 0 writes (as its save does)
+        from dpbp.estimators import _communicator
+
+        if not _communicator(source.comm).is_root:  # DP: one writer
+            return out
     if out.suffix != ".onnx":
         raise DataError(f"cannot write {out}: use a .onnx file name")
     if not out.parent.is_dir():

@@ -16,6 +16,8 @@ View with ``tensorboard --logdir runs`` (every run directory's ``tensorboard/`` 
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from dpbp.errors import MissingExtraError
@@ -56,13 +58,22 @@ class TensorBoardLog:
     on rank 0 when tensorboardX is not installed; OSError when the folder cannot be written.
     """
 
-    def __init__(self, folder: str | Path, comm):
+    def __init__(self, folder: str | Path, comm, first_epoch: int = 1):
+        """``first_epoch``: the epoch this run writes first (a resumed run: the one after its checkpoint).
+
+        Events of an earlier start of the run at that epoch or later (a run killed after its last
+        checkpoint, or the abandoned future of a branch) are then purged by TensorBoard's readers
+        (``purge_step``), so every epoch shows once, with the values of the current lineage. Each
+        start writes its own file (the process id in the name: two starts in one second never
+        overwrite each other).
+        """
         self.folder = Path(folder)
         self.writer = None
         if comm.is_root:
             writer_class = require_writer()
             self.folder.mkdir(parents=True, exist_ok=True)
-            self.writer = writer_class(logdir=str(self.folder))
+            self.writer = writer_class(logdir=str(self.folder), purge_step=first_epoch,
+                                       filename_suffix=f".{os.getpid()}.{time.monotonic_ns()}")
 
     def __call__(self, record: dict) -> None:
         if self.writer is None:

@@ -791,7 +791,9 @@ class Trainer:
         if self.cfg.run.tensorboard and self.on_epoch_end is None:
             from dpbp.tensorboard import EVENTS_DIR, TensorBoardLog
 
-            self._events = all_or_nothing(self.comm, lambda: TensorBoardLog(self.run_dir / EVENTS_DIR, self.comm),
+            first = self.state.epoch + 1  # a resumed run writes from here: earlier files' later epochs are purged
+            self._events = all_or_nothing(self.comm,
+                                          lambda: TensorBoardLog(self.run_dir / EVENTS_DIR, self.comm, first),
                                           f"opening the TensorBoard log in {self.run_dir / EVENTS_DIR}",
                                           root_only=True)
             self.on_epoch_end = self._events

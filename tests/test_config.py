@@ -91,6 +91,7 @@ label_column = 0
 val_fraction = 0
 [train]
 lr = 1
+optimizer = "momentum"
 nesterov = true
 """,
     )
@@ -152,7 +153,7 @@ def test_unknown_key_without_close_match_lists_valid_keys():
         ("train.lr=0.1", "train.lr", 0.1),
         ("train.lr=1", "train.lr", 1.0),
         ("train.epochs=7", "train.epochs", 7),
-        ("train.nesterov=true", "train.nesterov", True),
+        ("train.shuffle=false", "train.shuffle", False),
         ("checkpoint.keep_best=false", "checkpoint.keep_best", False),
         ("model.layers=[784,128,10]", "model.layers", [784, 128, 10]),
         ("model.layers = [5, 3]", "model.layers", [5, 3]),
@@ -275,7 +276,8 @@ def test_out_of_bounds(item, key, fragment):
 def test_bounds_edges_accepted():
     cfg = C.load_config(
         None,
-        ["data.val_fraction=0", "train.gamma=1", "train.momentum=0", "train.threads=0"],
+        ["data.val_fraction=0", "train.schedule=step", "train.gamma=1", "train.optimizer=momentum",
+         "train.momentum=0", "train.threads=0"],
     )
     assert cfg.train.gamma == 1.0 and cfg.data.val_fraction == 0.0
 
@@ -332,9 +334,9 @@ def test_softmax_needs_two_outputs():
 
 
 def test_min_lr_below_lr():
-    err = error(C.load_config, None, ["train.min_lr=0.01"])
+    err = error(C.load_config, None, ["train.schedule=cosine", "train.min_lr=0.01"])
     assert err.key == "train.min_lr" and "train.lr" in str(err)
-    assert C.load_config(None, ["train.min_lr=0.001"]).train.min_lr == 0.001
+    assert C.load_config(None, ["train.schedule=cosine", "train.min_lr=0.001"]).train.min_lr == 0.001
 
 
 # --- validate, from_dict, replace ---
@@ -388,12 +390,12 @@ NON_DEFAULT = [
     "model.loss=binary_cross_entropy",
     "model.output=sigmoid",
     "model.dtype=float64",
-    "train.nesterov=true",
     "train.shuffle=false",
     "checkpoint.keep_best=false",
     "train.lr=0.1",
     "train.eps=1e-12",
     "train.beta2=0.9999999999999999",
+    "train.schedule=cosine",
     "train.min_lr=1.5e-300",
     "train.warmup_epochs=2.5",
     "train.seed=123456789012",

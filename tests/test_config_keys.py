@@ -55,7 +55,8 @@ def observe(overrides: list[str], folder: Path, monkeypatch) -> dict:
     monkeypatch.setattr(train, "configure_blas_threads", lambda n, local: threads.append(n) or 1)
     run_dir = folder / f"run{len(list(folder.iterdir()))}"
     try:
-        cfg = small_config(*RUN, *overrides)
+        given_val = any(o.startswith("data.val=") for o in overrides)  # then val_fraction has no say (refused)
+        cfg = small_config(*(r for r in RUN if not (given_val and r.startswith("data.val_fraction"))), *overrides)
         trainer = Trainer(cfg, comm, run_dir if cfg.run.dir == "unused" else Path(cfg.run.dir),
                           echo=lines.append)
         trainer.exchange.nodes = 2  # as if ranks held copies that could drift: the sync checks run
@@ -150,7 +151,8 @@ def test_every_key_changes_behaviour_or_is_refused(key, tmp_path, monkeypatch):
     names = {**tables(tmp_path), "folder": str(tmp_path)}
     setting = [s.format(**names) for s in setting]
     value = str(value).format(**names)
-    before = config_mod.to_dict(small_config(*RUN, *setting))  # the run the probe changes
+    run = [r for r in RUN if not (any(x.startswith("data.val=") for x in setting) and r.startswith("data.val_f"))]
+    before = config_mod.to_dict(small_config(*run, *setting))  # the run the probe changes
     section, name = key.split(".")
     assert str(before[section][name]).lower() != value.lower(), f"{key}: probe with a value other than the run's"
     runs = tmp_path / "runs"

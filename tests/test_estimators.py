@@ -167,6 +167,15 @@ def test_partial_fit_needs_the_classes_first_and_knows_them_after():
     assert est.predict_proba(X[:2]).shape == (2, 3)
     with pytest.raises(InputError, match=r"labels not in classes_: \[7\]"):
         est.partial_fit(X[:2], [0, 7])
+    with pytest.raises(ValueError, match="is not the same as classes_"):  # as scikit-learn: fixed by the first
+        est.partial_fit(X[:2], [0, 1], classes=[0, 1, 2, 3])
+    est.partial_fit(X[:2], [0, 1], classes=[2, 1, 0])  # the same classes in another order
+
+
+def test_early_stopping_needs_a_validation_split():
+    X, y = load_iris(return_X_y=True)
+    with pytest.raises(ValueError, match="early_stopping=True needs validation_fraction > 0"):
+        MLPClassifier((4,), early_stopping=True, validation_fraction=0.0).fit(X, y)
 
 
 @pytest.mark.parametrize("params, message", [

@@ -86,3 +86,18 @@ def test_the_estimators_write_events_into_their_run_directory(tmp_path):
     est = MLPClassifier((8,), max_iter=3, run_dir=tmp_path, config={"run.tensorboard": True}).fit(X, y)
     events = read_events(est.run_dir_ / "tensorboard")
     np.testing.assert_allclose([v for _, v in events["loss/train"]], est.loss_curve_, rtol=1e-6)
+
+
+def test_a_resumed_or_branched_run_shows_every_epoch_once(tmp_path):
+    """Events of epochs written after the checkpoint a run resumes from (a run killed before its next
+    checkpoint, or the abandoned future of a branch) are purged: each epoch reads back once, with the
+    value of the current lineage, and two starts within one second keep both files."""
+    run = tmp_path / "run"
+    assert invoke("train", *ARGS, "--epochs", "4", "--run-dir", run).exit_code == 0
+    branch = invoke("train", *ARGS, "--epochs", "5", "--run-dir", run, "--lr", "0.001",
+                    "--resume", run / "checkpoints" / "step-000000018.npz")  # end of epoch 2 (9 steps an epoch)
+    assert branch.exit_code == 0 and "branching from step 18" in branch.output, branch.output
+    events = read_events(run / "tensorboard")["loss/train"]
+    assert [s for s, _ in events] == [1, 2, 3, 4, 5], events
+    np.testing.assert_allclose([v for _, v in events], [r["train_loss"] for r in records(run)], rtol=1e-6)
+    assert len(list((run / "tensorboard").iterdir())) == 2
