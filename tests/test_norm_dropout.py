@@ -1,0 +1,225 @@
+"""Batch normalization and dropout: against PyTorch autograd in float64, and the dropout mask's purity.
+
+The torch network is built independently (Linear, BatchNorm1d in training mode, the activation,
+then the dropout mask dpbp drew, supplied as a constant), with dpbp's parameters copied in; the
+loss is the batch mean as ``MLP.loss_and_grad`` returns it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dpbp import ops
+from dpbp.model import BN_EPS, BN_MOMENTUM, MLP, StepContext
+
+torch = pytest.importorskip("torch")  # the test extra installs it
+F = torch.nn.functional
+TORCH_ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu,
+                     "leaky_relu": lambda z: F.leaky_relu(z, ops.LEAKY_SLOPE), "identity": lambda z: z}
+SIZES = [5, 7, 6, 3]
+CTX = StepContext(epoch=2, step=5, offset=0)
+
+
+def test_every_activation_has_a_torch_twin():
+    assert sorted(TORCH_ACTIVATIONS) == sorted(ops.HIDDEN_ACTIVATIONS)
+
+
+def data(n=11, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, SIZES[0])) * 2.0 + 0.5, rng.integers(0, SIZES[-1], n)
+
+
+def randomised(model, seed=1):
+    """Non-trivial gamma, beta and biases (initially 1, 0, 0), so every term of the formulas matters."""
+    rng = np.random.default_rng(seed)
+    for v in (*model.biases, *model.gammas, *model.betas):
+        v[...] = rng.normal(size=v.shape)
+    return model
+
+
+def torch_net(model, masks, X, y, loss="cross_entropy", output="softmax"):
+    """(outputs, mean loss, {name: leaf tensor}, BatchNorm1d modules) of the torch twin, forward done."""
+    act = TORCH_ACTIVATIONS[model.activation]
+    leaves, norms = {}, []
+    a = torch.tensor(X)
+    last = model.n_layers - 1
+    for l in range(model.n_layers):
+        W = torch.tensor(model.weights[l].copy(), requires_grad=True)
+        b = torch.tensor(model.biases[l].copy(), requires_grad=True)
+        leaves[f"W{l}"], leaves[f"b{l}"] = W, b
+        z = F.linear(a, W, b)
+        if l == last:
+            break
+        if model.batch_norm:
+            bn = torch.nn.BatchNorm1d(z.shape[1], eps=BN_EPS, momentum=BN_MOMENTUM, dtype=torch.float64)
+            with torch.no_grad():
+                bn.weight.copy_(torch.tensor(model.gammas[l]))
+                bn.bias.copy_(torch.tensor(model.betas[l]))
+            bn.train()
+            leaves[f"gamma{l}"], leaves[f"beta{l}"] = bn.weight, bn.bias
+            norms.append(bn)
+            z = bn(z)
+        a = act(z)
+        if masks[l] is not None:
+            a = a * torch.tensor(masks[l])
+    if output == "softmax" and loss == "cross_entropy":
+        out = torch.softmax(z, dim=1)
+        value = F.cross_entropy(z, torch.tensor(y))
+    elif loss == "mse":
+        out = {"identity": z, "sigmoid": torch.sigmoid(z), "softmax": torch.softmax(z, dim=1)}[output]
+        value = 0.5 * ((out - torch.tensor(y)) ** 2).sum(dim=1).mean()
+    else:
+        out = torch.sigmoid(z)
+        value = F.binary_cross_entropy_with_logits(z, torch.tensor(y), reduction="none").sum(dim=1).mean()
+    return out, value, leaves, norms
+
+
+def ours_by_name(model, grad):
+    W, b = model.layer_views(grad)
+    gammas, betas = model.norm_views(grad)
+    named = {**{f"W{l}": w for l, w in enumerate(W)}, **{f"b{l}": v for l, v in enumerate(b)}}
+    named.update({f"gamma{l}": g for l, g in enumerate(gammas)})
+    named.update({f"beta{l}": v for l, v in enumerate(betas)})
+    return named
+
+
+def rel(a, b, floor: float = 1e-300) -> float:
+    """Largest difference relative to the reference's largest entry (or ``floor``, if larger)."""
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), floor))
+
+
+@pytest.mark.parametrize("activation", ops.HIDDEN_ACTIVATIONS)
+@pytest.mark.parametrize("kind", ["batch_norm", "dropout", "both"])
+def test_forward_and_gradients_match_torch(activation, kind):
+    bn, rate = kind != "dropout", [0.3, 0.5] if kind != "batch_norm" else 0.0
+    model = randomised(MLP(SIZES, activation=activation, dtype="float64", seed=3, dropout=rate, batch_norm=bn))
+    X, y = data()
+    masks = [model.dropout_mask(h, CTX, X.shape[0]) if model.dropout[h] else None for h in range(2)]
+    if kind != "batch_norm":
+        assert all((m == 0).any() and (m > 0).any() for m in masks)  # some units dropped, some kept
+    out, value, leaves, norms = torch_net(model, masks, X, y)
+    value.backward()
+    before = model.params.copy()
+    ours_out = model.forward(X, StepContext(2, 5, 0, update_running=False))
+    loss, grad = model.loss_and_grad(X, y, context=CTX)
+    np.testing.assert_array_equal(model.params, before)
+    assert rel(ours_out, out.detach().numpy()) < 1e-9
+    assert abs(loss - value.item()) <= 1e-9 * abs(value.item())
+    mine = ours_by_name(model, grad)
+    assert sorted(mine) == sorted(leaves)
+    scale = max(float(np.max(np.abs(leaves[f"W{l}"].grad.numpy()))) for l in range(3))
+    for name, leaf in leaves.items():
+        ref = leaf.grad.numpy()
+        if bn and name in ("b0", "b1"):  # removed by the batch mean: exactly 0 here, rounding in torch
+            assert not mine[name].any() and np.max(np.abs(ref)) < 1e-12 * scale, name
+        else:  # a tensor zero in exact arithmetic (beta before an identity and the next batch norm) is rounding
+            assert rel(mine[name], ref, floor=1e-4 * scale) < 1e-9, name
+    if bn:  # the running statistics, updated once by loss_and_grad (forward above did not)
+        means, variances = model.running_views()
+        for l, norm in enumerate(norms):
+            assert rel(means[l], norm.running_mean.numpy()) < 1e-12
+            assert rel(variances[l], norm.running_var.numpy()) < 1e-12
+
+
+@pytest.mark.parametrize("loss,output", [("mse", "identity"), ("mse", "sigmoid"), ("binary_cross_entropy", "sigmoid"),
+                                         ("mse", "softmax")])
+def test_other_losses_match_torch_with_both(loss, output):
+    sizes = [5, 7, 6, 3]
+    model = randomised(MLP(sizes, activation="tanh", output=output, loss=loss, dtype="float64", seed=4, dropout=0.25,
+                           batch_norm=True))
+    X, _ = data()
+    y = np.random.default_rng(2).uniform(size=(X.shape[0], 3))
+    if output == "softmax":
+        y /= y.sum(axis=1, keepdims=True)
+    masks = [model.dropout_mask(h, CTX, X.shape[0]) for h in range(2)]
+    _, value, leaves, _ = torch_net(model, masks, X, y, loss=loss, output=output)
+    value.backward()
+    loss_value, grad = model.loss_and_grad(X, y, context=CTX)
+    assert abs(loss_value - value.item()) <= 1e-9 * abs(value.item())
+    mine = ours_by_name(model, grad)
+    for name, leaf in leaves.items():
+        if name not in ("b0", "b1"):
+            assert rel(mine[name], leaf.grad.numpy()) < 1e-9, name
+
+
+def test_evaluation_uses_running_statistics_as_torch_eval():
+    model = randomised(MLP(SIZES, activation="relu", dtype="float64", seed=5, batch_norm=True, dropout=0.5))
+    X, y = data(n=13)
+    for step in range(3):  # three training passes move the running statistics
+        model.loss_and_grad(X, y, context=StepContext(0, step))
+    # torch's running statistics after 3 steps, computed by torch.nn.BatchNorm1d itself
+    ref = randomised(MLP(SIZES, activation="relu", dtype="float64", seed=5, batch_norm=True, dropout=0.5))
+    act = TORCH_ACTIVATIONS["relu"]
+    bns = [torch.nn.BatchNorm1d(w, eps=BN_EPS, momentum=BN_MOMENTUM, dtype=torch.float64) for w in SIZES[1:-1]]
+    for l, bn in enumerate(bns):
+        with torch.no_grad():
+            bn.weight.copy_(torch.tensor(ref.gammas[l]))
+            bn.bias.copy_(torch.tensor(ref.betas[l]))
+
+    def run(x, masks, train):
+        a = torch.tensor(x)
+        for l in range(2):
+            bns[l].train(train)
+            a = act(bns[l](F.linear(a, torch.tensor(ref.weights[l]), torch.tensor(ref.biases[l]))))
+            if masks is not None:
+                a = a * torch.tensor(masks[l])
+        return torch.softmax(F.linear(a, torch.tensor(ref.weights[2]), torch.tensor(ref.biases[2])), dim=1)
+
+    with torch.no_grad():
+        for step in range(3):
+            run(X, [ref.dropout_mask(h, StepContext(0, step), X.shape[0]) for h in range(2)], True)
+        means, variances = model.running_views()
+        for l, bn in enumerate(bns):
+            assert rel(means[l], bn.running_mean.numpy()) < 1e-12
+            assert rel(variances[l], bn.running_var.numpy()) < 1e-12
+        new = np.random.default_rng(9).normal(size=(4, SIZES[0]))
+        assert rel(model.predict(new), run(new, None, False).numpy()) < 1e-12  # no dropout, running statistics
+        stats = model.evaluate_sum(new, np.zeros(4, int))
+        assert stats.n == 4
+
+
+def test_dropout_mask_is_a_pure_function_of_the_global_row():
+    model = MLP([3, 37, 5, 2], dtype="float32", seed=7, dropout=[0.4, 0.2])
+    whole = model.dropout_mask(0, StepContext(1, 4, 0), 50)
+    parts = [model.dropout_mask(0, StepContext(1, 4, lo), hi - lo) for lo, hi in ((0, 17), (17, 18), (18, 18),
+                                                                                   (18, 50))]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)  # any split of the rows: the same mask
+    for other in (StepContext(2, 4, 0), StepContext(1, 5, 0)):
+        assert not np.array_equal(model.dropout_mask(0, other, 50), whole)
+    assert not np.array_equal(MLP([3, 37, 5, 2], seed=8, dropout=0.4).dropout_mask(0, StepContext(1, 4), 50), whole)
+    assert set(np.unique(whole)) == {0.0, np.float32(1 / 0.6)} and whole.dtype == np.float32
+    second = model.dropout_mask(1, StepContext(1, 4, 0), 50)
+    assert second.shape == (50, 5) and not np.array_equal(second[:, :5], whole[:, :5] * 0.6 / 0.8)
+
+
+def test_dropout_keeps_each_unit_with_probability_one_minus_p():
+    model = MLP([2, 1000, 2], dtype="float64", dropout=0.3)
+    kept = np.count_nonzero(model.dropout_mask(0, StepContext(), 400)) / 400_000
+    assert abs(kept - 0.7) < 5 * np.sqrt(0.21 / 400_000)  # five standard deviations
+
+
+def test_dropout_is_off_in_evaluation_and_needs_a_context_in_training():
+    model = MLP([3, 16, 2], dtype="float64", dropout=0.5)
+    plain = MLP([3, 16, 2], dtype="float64")
+    X = np.random.default_rng(0).normal(size=(6, 3))
+    np.testing.assert_array_equal(model.predict(X), plain.predict(X))
+    assert not np.array_equal(model.forward(X, StepContext()), plain.predict(X))
+    with pytest.raises(ValueError, match="needs a StepContext"):
+        model.loss_and_grad(X, np.zeros(6, int))
+
+
+def test_batch_norm_needs_two_rows_and_keeps_the_layout():
+    model = MLP([3, 4, 5, 2], dtype="float64", batch_norm=True)
+    assert model.n_params == (3 + 1) * 4 + (4 + 1) * 5 + (5 + 1) * 2 + 2 * (4 + 5)
+    assert [(a, b) for a, b in model.layer_blocks()] == [(0, 24), (24, 59), (59, 71)]
+    assert all(np.all(g == 1) for g in model.gammas) and all(not b.any() for b in model.betas)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        model.loss_and_grad(np.ones((1, 3)), np.zeros(1, int))
+
+
+def test_refuses_bad_rates():
+    with pytest.raises(ValueError, match="one per hidden layer"):
+        MLP([2, 3, 3, 2], dropout=[0.1])
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        MLP([2, 3, 2], dropout=1.0)
