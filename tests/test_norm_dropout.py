@@ -223,3 +223,19 @@ def test_refuses_bad_rates():
         MLP([2, 3, 3, 2], dropout=[0.1])
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         MLP([2, 3, 2], dropout=1.0)
+
+
+@pytest.mark.parametrize("activation", ops.HIDDEN_ACTIVATIONS)
+def test_gradcheck_covers_batch_norm_and_a_fixed_dropout_mask(activation):
+    from dpbp.gradcheck import check_gradients
+
+    model = randomised(MLP([4, 6, 5, 3], activation=activation, dtype="float64", seed=2, dropout=0.3,
+                           batch_norm=True))
+    X, y = np.random.default_rng(4).normal(size=(9, 4)), np.arange(9) % 3
+    running = (model.running_mean.copy(), model.running_var.copy())
+    checks = check_gradients(model, X, y, samples_per_layer=1000)
+    assert [c.total for c in checks] == [4 * 6 + 6 + 12, 6 * 5 + 5 + 10, 5 * 3 + 3]  # gamma, beta included
+    assert all(c.checked + c.kinks == c.total for c in checks)
+    assert max(c.max_rel_error for c in checks) < 1e-6, checks
+    np.testing.assert_array_equal(model.running_mean, running[0])
+    np.testing.assert_array_equal(model.running_var, running[1])
