@@ -34,8 +34,8 @@ from dpbp.targets import Targets
 
 MODEL_FORMAT = "dpbp-model"
 # 3: the model description may set dropout and batch_norm (gamma and beta in params, the running statistics
-# as bn_mean/bn_var); 2: parameters for normalised inputs, with the normaliser (float64) and the targets record
-# (task, class labels, target scaling); 1: the normaliser folded into the first layer, nothing recorded about the labels.
+# as bn_mean/bn_var); 2: parameters for normalised inputs, with the normaliser (float64) and the targets
+# record (task, class labels, target scaling); 1: the normaliser folded into the first layer, no labels record.
 FORMAT_VERSION = 3
 READ_MODEL_VERSIONS = (1, 2, 3)
 BN_ARRAYS = ("bn_mean", "bn_var")  # batch norm's running statistics: float64, the hidden units in layer order
