@@ -239,3 +239,123 @@ def test_gradcheck_covers_batch_norm_and_a_fixed_dropout_mask(activation):
     assert max(c.max_rel_error for c in checks) < 1e-6, checks
     np.testing.assert_array_equal(model.running_mean, running[0])
     np.testing.assert_array_equal(model.running_var, running[1])
+
+
+# ----------------------------------------------------------------------------- in training runs
+
+
+def quiet_trainer(cfg, run_dir=None):
+    from dpbp.comm import SerialComm
+    from dpbp.train import Trainer
+
+    return Trainer(cfg, SerialComm(), run_dir, echo=lambda text: None)
+
+
+BOTH = ("data.train=spirals:n=300", "model.dropout=[0.3,0.1]", "model.batch_norm=true")
+
+
+def test_resume_mid_epoch_is_bit_identical(tmp_path):
+    from helpers import small_config
+
+    from dpbp import checkpoint as ckpt
+
+    cfg = small_config(*BOTH, "train.epochs=3", "checkpoint.every_steps=5", "checkpoint.keep=100")
+    full = quiet_trainer(cfg, tmp_path / "run").run()
+    middle = [p for p in ckpt.periodic_checkpoints(tmp_path / "run" / "checkpoints") if int(p.stem[5:]) % 16][2]
+    resumed = quiet_trainer(cfg)
+    resumed.restore(middle)
+    assert resumed.state.step_in_epoch > 0 and resumed.model.running_var.any()
+    out = resumed.run()
+    np.testing.assert_array_equal(out.model.params, full.model.params)
+    np.testing.assert_array_equal(out.model.running_mean, full.model.running_mean)
+    np.testing.assert_array_equal(out.model.running_var, full.model.running_var)
+
+
+def test_saved_model_keeps_the_running_statistics_for_predict_and_evaluate(tmp_path):
+    from helpers import invoke, small_config
+
+    from dpbp.checkpoint import load_model, load_network
+    from dpbp.train import evaluate
+
+    cfg = small_config(*BOTH)
+    trainer = quiet_trainer(cfg, tmp_path / "run")
+    result = trainer.run()
+    assert not np.allclose(result.model.running_var, 1.0)  # training moved them
+    net = load_network(tmp_path / "run" / "model.npz").model
+    np.testing.assert_array_equal(net.running_mean, result.model.running_mean)
+    np.testing.assert_array_equal(net.running_var, result.model.running_var)
+    assert net.dropout == (0.3, 0.1) and net.batch_norm
+    val = trainer.data.val
+    np.testing.assert_array_equal(net.predict(val.x), result.model.predict(val.x))
+    raw = np.random.default_rng(0).normal(size=(7, 2))
+    folded = load_model(tmp_path / "run" / "model.npz")  # the input normaliser folded into layer 1
+    expected = result.model.predict(trainer.data.normalizer.apply(raw, np.float64))
+    assert rel(folded.predict(raw), expected) < 1e-12
+    assert evaluate(net, val, trainer.comm, trainer.data.targets)["loss"] == result.reports["val"]["loss"]
+    out = invoke("evaluate", "--model", tmp_path / "run" / "model.npz", "--data", "spirals:n=300", "--json")
+    assert out.exit_code == 0, out.output
+    unfitted = MLP(net.sizes, dtype="float64", dropout=0.3, batch_norm=True)  # running statistics 0 and 1
+    unfitted.params[...] = net.params
+    assert not np.allclose(unfitted.predict(val.x), net.predict(val.x))  # so they matter
+
+
+def test_checkpoints_without_the_new_keys_still_load(tmp_path):
+    """A checkpoint and a model file as the previous formats wrote them (no dropout, batch_norm, bn_*)."""
+    from helpers import small_config
+
+    from dpbp import checkpoint as ckpt
+
+    cfg = small_config("train.epochs=1")
+    trainer = quiet_trainer(cfg, tmp_path / "run")
+    trainer.run()
+    path = ckpt.periodic_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    arrays, meta = ckpt.load_checkpoint(path)
+    for key in ("dropout", "batch_norm"):
+        del meta["model"][key]
+    meta["format_version"] = 3
+    old = tmp_path / "old.npz"
+    ckpt.atomic_write_npz(old, arrays, meta)
+    resumed = quiet_trainer(cfg)
+    resumed.restore(old)
+    np.testing.assert_array_equal(resumed.model.params, trainer.model.params)
+    model_meta = dict(ckpt.read_meta(tmp_path / "run" / "model.npz"), format_version=2)
+    model_arrays, _ = ckpt.read_npz(tmp_path / "run" / "model.npz", "model", lambda m: ckpt._model_layout(m, ""))
+    for key in ("dropout", "batch_norm"):
+        del model_meta["model"][key]
+    ckpt.atomic_write_npz(tmp_path / "old-model.npz", model_arrays, model_meta)
+    np.testing.assert_array_equal(ckpt.load_network(tmp_path / "old-model.npz").model.params, trainer.model.params)
+    bad = dict(model_meta, model={**model_meta["model"], "batch_norm": True})  # an old format cannot say so
+    ckpt.atomic_write_npz(tmp_path / "bad.npz", model_arrays, bad)
+    with pytest.raises(Exception, match="newer format version"):
+        ckpt.load_network(tmp_path / "bad.npz")
+
+
+def test_a_batch_of_one_row_is_refused_with_batch_norm():
+    from helpers import small_config
+
+    from dpbp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.batch_norm: needs at least 2 rows in every batch"):
+        quiet_trainer(small_config("model.batch_norm=true", "train.batch_size=10"))  # 271 rows: 27 x 10 + 1
+    quiet_trainer(small_config("model.dropout=0.5", "train.batch_size=10"))  # dropout alone does not mind
+
+
+def test_a_skipped_step_leaves_the_running_statistics():
+    from helpers import small_config
+
+    cfg = small_config(*BOTH, "train.on_nonfinite=skip", "train.epochs=1")
+    t = quiet_trainer(cfg)
+    real, calls = t.model.loss_and_grad_sum, []
+
+    def poisoned(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            t.model.layer_views(t.exchange.grad)[0][0][0, 0] = np.nan
+        return stats
+
+    t.model.loss_and_grad_sum = poisoned
+    seen = []
+    t.run(on_step_end=lambda tr: seen.append(tr.model.running_var.copy()) and False)
+    np.testing.assert_array_equal(seen[1], seen[2])  # step 3 was skipped: its batch statistics were not kept
+    assert not np.array_equal(seen[2], seen[3])
