@@ -292,7 +292,7 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
          f"{trainer.steps_per_epoch} steps/epoch, {cfg.train.optimizer} lr {cfg.train.lr:g}, run dir {path}")
     if comm.size > 1:
         echo(f"  gradients: {trainer.exchange.name}")
-    extras = [f"dropout {', '.join(f'{r:g}' for r in trainer.model.dropout)}" if any(m.dropout) else "",
+    extras = [f"dropout {', '.join(f'{r:g}' for r in trainer.model.dropout)}" if any(trainer.model.dropout) else "",
               "batch norm over the global batch" if m.batch_norm else ""]
     if any(extras):
         echo(f"  hidden layers: {'; '.join(e for e in extras if e)}")

@@ -359,3 +359,13 @@ def test_a_skipped_step_leaves_the_running_statistics():
     t.run(on_step_end=lambda tr: seen.append(tr.model.running_var.copy()) and False)
     np.testing.assert_array_equal(seen[1], seen[2])  # step 3 was skipped: its batch statistics were not kept
     assert not np.array_equal(seen[2], seen[3])
+
+
+def test_cli_train_says_what_the_hidden_layers_do(tmp_path):
+    from helpers import invoke
+
+    out = invoke("train", "--set", "data.train=spirals:n=300", "--set", "model.hidden=[8,8]", "--set",
+                 "model.dropout=[0.3,0.1]", "--set", "model.batch_norm=true", "--epochs", "1", "--run-dir",
+                 tmp_path / "run")
+    assert out.exit_code == 0, out.output
+    assert "hidden layers: dropout 0.3, 0.1; batch norm over the global batch" in out.output
