@@ -369,3 +369,17 @@ def test_cli_train_says_what_the_hidden_layers_do(tmp_path):
                  tmp_path / "run")
     assert out.exit_code == 0, out.output
     assert "hidden layers: dropout 0.3, 0.1; batch norm over the global batch" in out.output
+
+
+def test_an_estimator_keeps_batch_norm_and_dropout():
+    pytest.importorskip("sklearn")
+    from dpbp import MLPClassifier
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 3))
+    y = (X[:, 0] + X[:, 1] > 0).astype(int)
+    est = MLPClassifier((8,), max_iter=3, batch_size=16, random_state=0,
+                        config={"model.batch_norm": True, "model.dropout": 0.2}).fit(X, y)
+    assert est.model_.batch_norm and est.model_.dropout == (0.2,)
+    assert not np.allclose(est.model_.running_var, 1.0)  # the trained running statistics, not fresh ones
+    assert est.predict(X).shape == (120,)
