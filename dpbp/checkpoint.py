@@ -27,16 +27,18 @@ import numpy as np
 from dpbp import __version__
 from dpbp.data import NORMALIZERS, Normalizer
 from dpbp.errors import CheckpointError, DpbpError, SaveError
-from dpbp.model import MLP
+from dpbp.model import MLP, n_params
 from dpbp.ops import task_of
 from dpbp.optim import make_optimizer
 from dpbp.targets import Targets
 
 MODEL_FORMAT = "dpbp-model"
-# 2: parameters for normalised inputs, with the normaliser (float64) and the targets record (task, class
-# labels, target scaling); 1: the normaliser folded into the first layer, nothing recorded about the labels.
-FORMAT_VERSION = 2
-READ_MODEL_VERSIONS = (1, 2)
+# 3: the model description may set dropout and batch_norm (gamma and beta in params, the running statistics
+# as bn_mean/bn_var); 2: parameters for normalised inputs, with the normaliser (float64) and the targets
+# record (task, class labels, target scaling); 1: the normaliser folded into the first layer, no labels record.
+FORMAT_VERSION = 3
+READ_MODEL_VERSIONS = (1, 2, 3)
+BN_ARRAYS = ("bn_mean", "bn_var")  # batch norm's running statistics: float64, the hidden units in layer order
 
 
 def payload_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -276,15 +278,30 @@ def _read_arrays(zf: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo]) -> di
 def model_size(spec: dict) -> tuple[int, int, np.dtype]:
     """(inputs, parameter count, dtype) that a model description implies, without building the model.
 
-    Raises ValueError for sizes that are not at least two positive integers or a dtype
-    other than float32/float64 (so an absurd description costs nothing to refuse).
+    Raises ValueError for sizes that are not at least two positive integers, a dtype
+    other than float32/float64 or a ``batch_norm`` other than true/false (so an absurd
+    description costs nothing to refuse).
     """
     sizes, dtype = spec["sizes"], spec["dtype"]
     if not (isinstance(sizes, list) and len(sizes) >= 2 and all(type(s) is int and s >= 1 for s in sizes)):
         raise ValueError(f"model sizes must be at least two positive integers, got {str(sizes)[:80]}")
     if dtype not in ("float32", "float64"):
         raise ValueError(f"model dtype must be float32 or float64, got {str(dtype)[:80]}")
-    return sizes[0], sum((i + 1) * o for i, o in zip(sizes[:-1], sizes[1:])), np.dtype(dtype)
+    if type(spec.get("batch_norm", False)) is not bool:
+        raise ValueError(f"model batch_norm must be true or false, got {str(spec['batch_norm'])[:40]}")
+    return sizes[0], n_params(sizes, spec.get("batch_norm", False)), np.dtype(dtype)
+
+
+def _norm_layout(spec: dict, writes_them: bool) -> Layout:
+    """The running statistics arrays of a batch-norm model (``writes_them``: the file's format stores them)."""
+    rates = spec.get("dropout", 0.0)
+    if not spec.get("batch_norm", False) and not (any(rates) if isinstance(rates, list) else rates):
+        return {}
+    if not writes_them:
+        raise ValueError("dropout and batch_norm in a model description need a newer format version")
+    if not spec.get("batch_norm", False):
+        return {}
+    return {name: ((sum(spec["sizes"][1:-1]),), np.dtype(np.float64)) for name in BN_ARRAYS}
 
 
 class Network(NamedTuple):
@@ -338,6 +355,8 @@ def save_model(path: str | os.PathLike, model: MLP, inputs: Normalizer | None = 
         "model": model.describe(), "normalize": inputs.kind, "targets": targets.to_meta(), **(extra or {}),
     }
     arrays = {"params": model.params.copy(), **inputs.to_arrays(), **targets.to_arrays()}
+    if model.batch_norm:
+        arrays.update(bn_mean=model.running_mean.copy(), bn_var=model.running_var.copy())
     try:
         atomic_write_npz(path, arrays, meta)
     except OSError as exc:
@@ -370,7 +389,7 @@ def load_network(path: str | os.PathLike) -> Network:
         kind = meta["normalize"] if meta["format_version"] >= 2 else "none"
     else:
         kind = _checkpoint_inputs(meta, path)
-    model = _build_model(meta["model"], arrays["params"], path)
+    model = _build_model(meta["model"], arrays, path)
     return Network(model, Normalizer.from_arrays(kind, arrays), _targets(meta, arrays, model))
 
 
@@ -420,13 +439,14 @@ def _targets_layout(meta: dict, path) -> Layout:
 
 def _model_layout(meta: dict, path) -> Layout:
     """A model file holds ``params`` ``(n_params,)`` of the model dtype; format 2 also the float64
-    normaliser (``(n_in,)``) and target scaling (``(n_out,)``) arrays its metadata names."""
+    normaliser (``(n_in,)``) and target scaling (``(n_out,)``) arrays its metadata names; format 3 with batch
+    norm also ``bn_mean``/``bn_var``."""
     version = meta.get("format_version")
     if type(version) is not int or version not in READ_MODEL_VERSIONS:
         raise CheckpointError(f"{path}: model format version {version!r} is not supported by "
                               f"dpbp {__version__} (reads {', '.join(map(str, READ_MODEL_VERSIONS))})")
-    n_in, n_params, dtype = model_size(meta["model"])
-    layout = {"params": ((n_params,), dtype)}
+    n_in, count, dtype = model_size(meta["model"])
+    layout = {"params": ((count,), dtype), **_norm_layout(meta["model"], version >= 3)}
     if version >= 2:
         if meta.get("normalize") not in NORMALIZERS:
             raise ValueError(f"unknown normalizer {str(meta.get('normalize'))[:40]!r}")
@@ -438,13 +458,17 @@ def _model_layout(meta: dict, path) -> Layout:
     return layout
 
 
-def _build_model(spec: dict, params: np.ndarray, path) -> MLP:
-    """An ``MLP`` from its saved description, holding ``params`` (shape and dtype already checked)."""
+def _build_model(spec: dict, arrays: dict, path) -> MLP:
+    """An ``MLP`` from its saved description, holding ``arrays["params"]`` and, with batch norm, the running
+    statistics ``bn_mean``/``bn_var`` (shapes and dtypes already checked)."""
     try:
         model = MLP(**spec)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: invalid model description ({exc})") from None
-    model.params[...] = params
+    model.params[...] = arrays["params"]
+    if model.batch_norm:
+        model.running_mean[...] = arrays["bn_mean"]
+        model.running_var[...] = arrays["bn_var"]
     return model
 
 
@@ -452,9 +476,10 @@ def _build_model(spec: dict, params: np.ndarray, path) -> MLP:
 
 CHECKPOINT_FORMAT = "dpbp-checkpoint"
 # 2 added the input normaliser (meta "normalize", arrays norm_shift and norm_scale in the model dtype);
-# 3 keeps it in float64 and adds the targets record (meta "targets", arrays target_shift and target_scale).
-CHECKPOINT_VERSION = 3
-READ_CHECKPOINT_VERSIONS = (1, 2, 3)  # format 1 still resumes; it cannot be used as a model (no normaliser)
+# 3 keeps it in float64 and adds the targets record (meta "targets", arrays target_shift and target_scale);
+# 4 lets the model description set dropout and batch_norm (running statistics: arrays bn_mean and bn_var).
+CHECKPOINT_VERSION = 4
+READ_CHECKPOINT_VERSIONS = (1, 2, 3, 4)  # format 1 still resumes; it cannot be used as a model (no normaliser)
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.npz"
 
@@ -480,7 +505,8 @@ def load_checkpoint(path: str | os.PathLike,
     ``arrays``: ``params`` and ``optim_<state>`` (``(n_params,)``, model dtype),
     ``optim_t`` (0-d int64), from format 2 unless the run did not normalise
     ``norm_shift``/``norm_scale`` (``(n_in,)``; model dtype in format 2, float64 from 3) and, from
-    format 3 for scaled regression targets, ``target_shift``/``target_scale`` (``(n_out,)`` float64).
+    format 3 for scaled regression targets, ``target_shift``/``target_scale`` (``(n_out,)`` float64) and,
+    from format 4 for batch norm, its running statistics ``bn_mean``/``bn_var`` (``(hidden units,)`` float64).
     ``check(meta)``, when given, runs once the metadata is read and before any array data is: raising CheckpointError
     there refuses the file unread (resume uses it to refuse another model's checkpoint).
     Raises CheckpointError naming the file for anything wrong.
@@ -511,10 +537,11 @@ def _check_checkpoint_meta(meta: dict, path) -> None:
 
 def _checkpoint_layout(meta: dict, path="checkpoint") -> Layout:
     """The arrays a checkpoint's metadata implies (see ``load_checkpoint``)."""
-    n_in, n_params, dtype = model_size(meta["model"])
-    vector = ((n_params,), dtype)
+    n_in, count, dtype = model_size(meta["model"])
+    vector = ((count,), dtype)
     state_names = make_optimizer(meta["optimizer"]["name"], 0, dtype).state_names
-    layout = {"params": vector, **{f"optim_{k}": vector for k in state_names}, "optim_t": ((), np.dtype(np.int64))}
+    layout = {"params": vector, **{f"optim_{k}": vector for k in state_names}, "optim_t": ((), np.dtype(np.int64)),
+              **_norm_layout(meta["model"], meta["format_version"] >= 4)}
     if meta["format_version"] >= 2:
         if meta["normalize"] not in NORMALIZERS:
             raise ValueError(f"unknown normalizer {str(meta['normalize'])[:40]!r}")

@@ -292,6 +292,10 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
          f"{trainer.steps_per_epoch} steps/epoch, {cfg.train.optimizer} lr {cfg.train.lr:g}, run dir {path}")
     if comm.size > 1:
         echo(f"  gradients: {trainer.exchange.name}")
+    extras = [f"dropout {', '.join(f'{r:g}' for r in trainer.model.dropout)}" if any(trainer.model.dropout) else "",
+              "batch norm over the global batch" if m.batch_norm else ""]
+    if any(extras):
+        echo(f"  hidden layers: {'; '.join(e for e in extras if e)}")
     for line in [*d.notes, *messages]:
         echo(f"  {line}")
     if point is not None:
@@ -649,8 +653,10 @@ def gradcheck(config_file, overrides, rows, samples, tolerance):
     data = prepare_data(cfg)
     model = as_float64(build_model(cfg, data.sizes))
     x, y = data.train.x[:rows], data.train.y[:rows]
+    extras = "".join(f", {e}" for e, on in (("batch norm over these rows", model.batch_norm),
+                                             ("one fixed dropout mask", any(model.dropout))) if on)
     click.echo(f"checking {model.sizes} {model.activation}/{model.output}/{model.loss} on {x.shape[0]} rows "
-               "(float64, fourth-order central differences)")
+               f"(float64, fourth-order central differences{extras})")
     worst = 0.0
     for check in check_gradients(model, x, y, samples_per_layer=samples):
         worst = max(worst, check.max_rel_error)

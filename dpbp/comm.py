@@ -48,6 +48,10 @@ class SerialComm:
         """Sum ``buf`` over ranks, in place. Here: nothing to do."""
         return buf
 
+    def sum_in_rank_order_(self, buf: np.ndarray) -> np.ndarray:
+        """Sum ``buf`` over ranks in place, adding them in rank order (see MPIComm). Here: nothing to do."""
+        return buf
+
     def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
         return buf
 
@@ -201,6 +205,21 @@ class MPIComm:
         """Sum ``buf`` over ranks, in place (one ``MPI_Allreduce`` with ``MPI_IN_PLACE``)."""
         with self._collective():
             self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        return buf
+
+    def sum_in_rank_order_(self, buf: np.ndarray) -> np.ndarray:
+        """Sum a small 1-D ``buf`` over ranks in place: one ``Allgather``, then rank 0's + rank 1's + ...
+
+        Every rank adds the same numbers in the same order, so every rank gets the same bits
+        whatever reduction algorithm the MPI library picks (batch norm's statistics: the running
+        statistics, private to each rank, then cannot drift apart).
+        """
+        everyone = np.empty((self.size, buf.shape[0]), buf.dtype)
+        with self._collective():
+            self.comm.Allgather(np.ascontiguousarray(buf), everyone)
+        np.copyto(buf, everyone[0])
+        for row in everyone[1:]:
+            buf += row
         return buf
 
     def peers(self) -> MPIComm:

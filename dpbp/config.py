@@ -14,7 +14,8 @@ rules validation enforces and ``doc_markdown`` prints:
 * ``empty_ok``: an empty list is allowed besides lists of ``min_len`` or more entries;
 * ``nonempty``: the string may not be empty;
 * ``int_as_str``: an integer is accepted and stored as its decimal string;
-* ``bool_as_str``: a boolean is accepted and stored as ``"true"`` or ``"false"``.
+* ``bool_as_str``: a boolean is accepted and stored as ``"true"`` or ``"false"``;
+* ``each``: a field that takes a number or a list of them applies the bounds to every entry.
 
 Rules that relate two fields live in ``_CROSS_CHECKS`` together with their doc text.
 Every problem raises :class:`dpbp.errors.ConfigError` with the dotted key. The choices of the
@@ -128,6 +129,25 @@ class ModelConfig:
         default="float32",
         metadata=_meta(
             "floating-point type of parameters and data", choices=_model.DTYPES
+        ),
+    )
+    dropout: float | list[float] = field(
+        default=0.0,
+        metadata=_meta(
+            "inverted dropout of the hidden layers' activations in training (off in evaluation): one rate for "
+            "all, or a list with one per hidden layer; each unit's mask depends on the seed, epoch, step, its "
+            "row's place in the global batch, layer and unit, so N ranks train as 1; 0: off",
+            min=0.0,
+            max_exclusive=1.0,
+            each=True,
+        ),
+    )
+    batch_norm: bool = field(
+        default=False,
+        metadata=_meta(
+            "batch normalization of every hidden layer's pre-activation over the global batch (statistics "
+            "summed across ranks in float64), with a learned scale and shift; evaluation uses running "
+            "statistics (momentum 0.1), saved with checkpoints and models"
         ),
     )
 
@@ -461,6 +481,14 @@ def _check_heartbeat_timeout(cfg: Config) -> str | None:
     return f"must be 0 (off) or at least 1 second, got {t!r}"
 
 
+def _check_dropout_rates(cfg: Config) -> str | None:
+    rates, hidden = cfg.model.dropout, cfg.model.hidden
+    if not isinstance(rates, list) or len(rates) == len(hidden):
+        return None
+    return (f"{rates} gives {len(rates)} rate(s) for {len(hidden)} hidden layer(s) (model.hidden = {hidden}); "
+            "give one rate for all, or one per hidden layer")
+
+
 def _check_restore_best(cfg: Config) -> str | None:
     if not cfg.checkpoint.restore_best or cfg.checkpoint.keep_best:
         return None
@@ -484,6 +512,8 @@ _APPLIES: tuple[tuple[str, str, Callable[[Config], bool]], ...] = (
      lambda c: c.train.early_stopping_patience > 0 or c.checkpoint.keep_best),
     ("data.val_fraction", "data.val is empty (the validation set is then split off data.train)",
      lambda c: c.data.val == ""),
+    ("model.dropout", "model.hidden is not empty (it drops hidden units)", lambda c: bool(c.model.hidden)),
+    ("model.batch_norm", "model.hidden is not empty (it normalises hidden layers)", lambda c: bool(c.model.hidden)),
 )
 
 
@@ -518,6 +548,7 @@ _CROSS_CHECKS: tuple[tuple[str, str, Callable[[Config], str | None]], ...] = (
         "`standard` needs `model.loss = mse` with `model.output = identity`",
         _check_target_scaling,
     ),
+    ("model.dropout", "a list needs one rate per hidden layer", _check_dropout_rates),
     ("train.min_lr", "must be < `train.lr`", _check_min_lr),
     ("train.heartbeat_timeout", "0 (off) or at least 1", _check_heartbeat_timeout),
     (
@@ -580,6 +611,15 @@ def _coerce(key: str, typ: Any, meta: Mapping[str, Any], value: Any) -> Any:
             return "true" if value else "false"
         want = "a string or an integer" if meta.get("int_as_str") else "a string"
         raise ConfigError(key, f"expected {want}, got {_show(value)}")
+    if typing.get_args(typ) == (float, list[float]):  # a number, or a list of them
+        if isinstance(value, (list, tuple)):
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                return [_coerce(key, float, meta, v) for v in value]
+            raise ConfigError(key, f"expected a number or a list of numbers, got {_show(value)}")
+        try:
+            return _coerce(key, float, meta, value)
+        except ConfigError:
+            raise ConfigError(key, f"expected a number or a list of numbers, got {_show(value)}") from None
     if typing.get_origin(typ) is list and typing.get_args(typ) == (int,):
         if isinstance(value, (list, tuple)) and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value
@@ -600,6 +640,13 @@ def _check_rules(key: str, meta: Mapping[str, Any], value: Any) -> None:
         )
     if meta.get("nonempty") and value == "":
         raise ConfigError(key, "must not be empty")
+    if isinstance(value, list) and meta.get("each"):
+        for i, v in enumerate(value):
+            try:
+                _check_rules(key, {k: v for k, v in meta.items() if k != "each"}, v)
+            except ConfigError as exc:
+                raise ConfigError(key, f"{exc.args[0].split(': ', 1)[-1]} (entry {i} of {value!r})") from None
+        return
     if isinstance(value, list):
         n = meta.get("min_len")
         if n is not None and len(value) < n and not (meta.get("empty_ok") and not value):
@@ -647,7 +694,7 @@ def _allowed_text(meta: Mapping[str, Any]) -> str:
     if "item_min" in meta:
         parts.append(f"each >= {meta['item_min']}")
     if _bounds_text(meta):
-        parts.append(_bounds_text(meta))
+        parts.append(("number or list, each " if meta.get("each") else "") + _bounds_text(meta))
     if meta.get("nonempty"):
         parts.append("non-empty")
     return ", ".join(parts)
@@ -1007,6 +1054,8 @@ def config_hash(cfg: Config) -> str:
 
 
 def _type_name(typ: Any) -> str:
+    if typing.get_args(typ) == (float, list[float]):
+        return "float or list[float]"
     if typing.get_origin(typ) is list:
         return "list[" + ", ".join(t.__name__ for t in typing.get_args(typ)) + "]"
     return typ.__name__

@@ -329,9 +329,10 @@ class _DpbpMLP(BaseEstimator):
         """Set the fitted attributes from a finished trainer (identical on every rank)."""
         result, state = outcome
         src = trainer.model
-        model = MLP(src.sizes, activation=src.activation, output=src.output, loss=src.loss, init=src.init,
-                    dtype=src.dtype.name, seed=src.seed)
+        model = MLP(**src.describe())
         model.params[...] = state["params"]  # a private copy: the trainer's may live in node-shared memory
+        if model.batch_norm:
+            model.running_mean[...], model.running_var[...] = state["bn_mean"], state["bn_var"]
         self.model_ = model
         self.normalizer_ = data.normalizer
         self.targets_ = data.targets

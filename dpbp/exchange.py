@@ -75,8 +75,8 @@ class Exchange:
 
     def __init__(self, model, comm):
         self.comm = comm
-        # flat [start, stop) of each layer's weights and biases
-        self.layer_ranges = [(w.start, b.stop) for w, b in model.layer_slices()]
+        # flat [start, stop) of each layer's weights and biases (and batch norm's gamma and beta)
+        self.layer_ranges = model.layer_blocks()
 
     def combine(self, stats, vote: bool) -> Sums:
         raise NotImplementedError

@@ -14,8 +14,9 @@ output). Outputs:
 * regression: ``predictions`` ``(N, targets)`` in the targets' own units.
 
 Built with the ``onnx`` package (the ``onnx`` extra), opset 17, IR version 8, checked by
-``onnx.checker`` before it is written. Batch normalisation does not exist in dpbp yet; once it
-does, it folds into the ``Gemm`` the same way.
+``onnx.checker`` before it is written. Batch normalization (evaluation form: the running
+statistics) folds into its layer's ``Gemm`` as well (``fold_batch_norm``); dropout is off in
+evaluation and leaves no trace.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def build_graph(network: Network, name: str = "dpbp_mlp"):
         fold_input_map(model, params, inputs.shift, inputs.scale)
     if targets.normalize != "none":
         fold_output_map(model, params, targets.shift, targets.scale)
+    fold_batch_norm(model, params)
     W, b = model.layer_views(params)
     elem = TensorProto.FLOAT if model.dtype == np.float32 else TensorProto.DOUBLE
     nodes, init = [], []
@@ -110,6 +112,24 @@ def build_graph(network: Network, name: str = "dpbp_mlp"):
     helper.set_model_props(proto, meta)
     onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+def fold_batch_norm(model, params: np.ndarray) -> None:
+    """Fold each hidden layer's batch norm, as evaluation applies it, into that layer's W and b of ``params``.
+
+    ``params``: a flat ``(n_params,)`` vector in ``model``'s layout and dtype, changed in place.
+    With ``s = gamma / sqrt(running_var + eps)``: ``W' = s W`` (per output row) and
+    ``b' = s (b - running_mean) + beta``, in float64, stored in the model dtype; the layer is then
+    a plain ``x @ W'.T + b'``. Nothing happens without batch norm.
+    """
+    from dpbp.model import BN_EPS
+
+    W, b = model.layer_views(params)
+    gammas, betas = model.norm_views(params)
+    for l, (mean, var) in enumerate(zip(*model.running_views())):
+        s = gammas[l].astype(np.float64) / np.sqrt(var + BN_EPS)
+        b[l][...] = s * (b[l].astype(np.float64) - mean) + betas[l]
+        W[l][...] = W[l].astype(np.float64) * s[:, None]
 
 
 def export_onnx(source, output: str | os.PathLike) -> Path:

@@ -82,7 +82,7 @@ def payload(trainer) -> tuple[dict[str, np.ndarray], dict]:
     regression targets): any checkpoint can then be evaluated or used as a model.
     """
     t = trainer
-    arrays = {"params": t.model.params}
+    arrays = {"params": t.model.params, **t.running_arrays()}
     for name, value in t.optimizer.state_dict().items():
         arrays[f"optim_{name}"] = value
     norm = t.data.normalizer
@@ -118,8 +118,8 @@ def save(trainer, best: bool = False) -> Path | None:
     folder = t.checkpoint_dir
     if folder is None:
         if best:  # checkpoint.restore_best without a run directory (the estimators): the best stays in memory
-            t.best_copy = (t.model.params.copy(), {"epoch": t.state.epoch, "step": t.state.global_step,
-                                                   "val_loss": t.state.best_val_loss})
+            t.best_copy = ({"params": t.model.params.copy(), **t.running_arrays()},
+                           {"epoch": t.state.epoch, "step": t.state.global_step, "val_loss": t.state.best_val_loss})
         return None
     st = t.state
     if best:
@@ -198,8 +198,9 @@ def restore_best(trainer) -> None:
         if t.best_copy is None:
             t.echo("warning: checkpoint.restore_best: no best model in this run; the final model is the last one")
             return
-        params, info = t.best_copy
-        t.exchange.write_params(t.model, params)
+        arrays, info = t.best_copy
+        t.exchange.write_params(t.model, arrays["params"])
+        t.load_running(arrays)
         t.echo(f"restored the best model: epoch {info['epoch']}, val loss {info['val_loss']:.4f} "
                "(checkpoint.restore_best)")
         return
@@ -212,17 +213,19 @@ def restore_best(trainer) -> None:
             return None
         arrays, meta = ckpt.load_checkpoint(best[0].path)
         st = meta["state"]  # saved at the end of the best epoch: ``epoch`` counts it as done
-        return arrays["params"], {**meta["run"], "epoch": st["epoch"], "val_loss": st["best_val_loss"],
-                                  "step": st["global_step"]}
+        kept = {k: arrays[k] for k in ("params", *t.running_arrays())}
+        return kept, {**meta["run"], "epoch": st["epoch"], "val_loss": st["best_val_loss"], "step": st["global_step"]}
 
     found = all_or_nothing(t.comm, read, "reading the best checkpoint")
     info = t.comm.bcast_obj(found[1] if found is not None else None)
     if info is None:
         t.echo("warning: checkpoint.restore_best: no best checkpoint in this run; the final model is the last one")
         return
-    params = found[0] if t.comm.is_root else np.empty_like(t.model.params)
-    t.comm.bcast_(params)  # DP: every rank continues with rank 0's best parameters
-    t.exchange.write_params(t.model, params)
+    arrays = found[0] if t.comm.is_root else {"params": np.empty_like(t.model.params), **t.running_arrays()}
+    for name in sorted(arrays):
+        t.comm.bcast_(arrays[name])  # DP: every rank continues with rank 0's best parameters (and statistics)
+    t.exchange.write_params(t.model, arrays["params"])
+    t.load_running(arrays)
     t.model_lineage = {**t.model_lineage, "restored_best": info["seq"], "step": info["step"],
                        "final_step": t.state.global_step}
     t.echo(f"restored the best model: epoch {info['epoch']}, val loss {info['val_loss']:.4f} "
@@ -237,8 +240,10 @@ def check_compatible(trainer, path, meta: dict) -> None:
     """
     t = trainer
     mine, theirs = t.model.describe(), meta["model"]
-    keys = ("sizes", "activation", "output", "loss", "dtype")
-    differ = [f"{k}: checkpoint {theirs.get(k)!r}, config {mine[k]!r}" for k in keys if theirs.get(k) != mine[k]]
+    keys = ("sizes", "activation", "output", "loss", "dtype", "dropout", "batch_norm")
+    before = {"dropout": [0.0] * (len(mine["sizes"]) - 2), "batch_norm": False}  # what files without the keys meant
+    differ = [f"{k}: checkpoint {theirs.get(k, before.get(k))!r}, config {mine[k]!r}" for k in keys
+              if theirs.get(k, before.get(k)) != mine[k]]
     if differ:
         raise CheckpointError(f"{path} holds a different model ({'; '.join(differ)})")
     if meta["optimizer"].get("name") != t.optimizer.name:

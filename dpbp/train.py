@@ -38,7 +38,7 @@ from dpbp.checkpoint import save_model
 from dpbp.comm import all_or_nothing, check_data_agrees, check_in_sync
 from dpbp.config import Config
 from dpbp.errors import AgreedError, ConfigError, DataError, DpbpError, SaveError, TrainingError
-from dpbp.model import MLP
+from dpbp.model import MLP, StepContext
 from dpbp.optim import LRSchedule, Optimizer, all_finite, make_optimizer
 from dpbp.progress import Progress
 from dpbp.runstate import FROZEN_ON_RESUME, TrainState, frozen_changes
@@ -253,7 +253,7 @@ def build_model(cfg: Config, sizes: list[int]) -> MLP:
     m = cfg.model
     memory.check_model(cfg, sizes)  # before allocating: a MemoryError or the OOM killer tells the user nothing
     return MLP(sizes, activation=m.activation, output=m.output, loss=m.loss,
-               init=m.init, dtype=m.dtype, seed=cfg.train.seed)
+               init=m.init, dtype=m.dtype, seed=cfg.train.seed, dropout=m.dropout, batch_norm=m.batch_norm)
 
 
 def build_optimizer(cfg: Config, model: MLP) -> Optimizer:
@@ -432,6 +432,9 @@ class Trainer:
         n = self.data.train.n_samples
         self.batch_size = min(cfg.train.batch_size, n)
         self.steps_per_epoch = data_mod.num_batches(n, self.batch_size)
+        if cfg.model.batch_norm and (self.batch_size < 2 or n % self.batch_size == 1):
+            raise ConfigError("model.batch_norm", f"needs at least 2 rows in every batch, but {n} training rows in "
+                              f"batches of {self.batch_size} leave a batch of 1; change train.batch_size")
         self.schedule = build_schedule(cfg, self.steps_per_epoch)
         self.state = TrainState()
         self.history: list[dict] = []
@@ -441,7 +444,7 @@ class Trainer:
         self.last_saved: tuple[int, Path] | None = None  # (global step, file) of the newest save
         self.model_lineage: dict = {}  # rank 0: the lineage entry model.npz is made from
         self._claimed = False
-        self.best_copy: tuple[np.ndarray, dict] | None = None  # without a run directory: the best parameters
+        self.best_copy: tuple[dict, dict] | None = None  # without a run directory: the best params (+ running stats)
         # Called on every rank with each epoch's record (after metrics.jsonl); side effects belong to rank 0.
         self.on_epoch_end: Callable[[dict], None] | None = None
         self._events = None  # the TensorBoard log opened for run.tensorboard (dpbp.tensorboard.TensorBoardLog)
@@ -467,13 +470,17 @@ class Trainer:
         r0, r1 = data_mod.shard_bounds(hi - lo, self.comm.size, self.comm.rank)  # DP: my contiguous shard
         xs = data_mod.gather_rows(self.data.train.x, order[lo + r0 : lo + r1], self.x_shard)
         ys = data_mod.gather_rows(self.data.train.y, order[lo + r0 : lo + r1], self.y_shard)
+        # DP: dropout masks follow each row's place in the global batch; batch norm sums over every rank
+        context = StepContext(self.state.epoch, step_in_epoch, r0, self.comm.sum_in_rank_order_,
+                              update_running=False)
         # (1) zero and (2) forward + backprop: this rank's gradient SUM, written over ex.grad
-        stats = self.model.loss_and_grad_sum(xs, ys, ex.grad, check=False)
+        stats = self.model.loss_and_grad_sum(xs, ys, ex.grad, check=False, context=context)
         # (3) combine across ranks: global sums and counts, the stop vote, per-layer squared norms
         sums = ex.combine(stats, self.stop_requested())  # DP: the stop vote rides in the same reduction
         self.stop_votes = sums.votes
         if self._skip_nonfinite(sums):
             return sums.loss_sum, sums.correct, sums.count
+        self.model.update_running_stats()  # batch norm: only a step that is kept moves the running statistics
         if self.state.global_step % self.diag_every == 0:
             self._add_grad_norms(sums.squares, 1.0 / sums.count)
         # (4) the same update everywhere, the gradient divided ONCE by the GLOBAL row count
@@ -551,8 +558,8 @@ class Trainer:
         than the update that produced it, never earlier.
         """
         params = self.model.params
-        bad = next((i for i, (w, b) in enumerate(self.model.layer_slices())
-                    if not all_finite(params[w.start : b.stop])), None)
+        bad = next((i for i, (start, stop) in enumerate(self.model.layer_blocks())
+                    if not all_finite(params[start:stop])), None)
         found = [i for i in self.comm.allgather_obj(bad) if i is not None]  # DP: agreed, even by a rank out of sync
         if found:
             after = f"the update of step {self._updated_at} left" if self._updated_at else "an earlier update left"
@@ -729,22 +736,37 @@ class Trainer:
         runstate.restore(self, path)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """Copies of the parameters (``params``) and the optimizer state (``optim_<name>``, ``optim_t``).
+        """Copies of the parameters (``params``), batch norm's running statistics (``bn_mean``, ``bn_var``,
+        see ``running_arrays``) and the optimizer state (``optim_<name>``, ``optim_t``).
 
         Identical on every rank (the exchange keeps one whole copy of both on every rank or node).
         """
-        return {"params": self.model.params.copy(),
+        return {"params": self.model.params.copy(), **self.running_arrays(),
                 **{f"optim_{name}": value for name, value in self.optimizer.state_dict().items()}}
+
+    def running_arrays(self) -> dict[str, np.ndarray]:
+        """Copies of batch norm's running statistics (``bn_mean``, ``bn_var``: float64, hidden units in
+        layer order; the same on every rank), or {} without batch norm."""
+        m = self.model
+        return {"bn_mean": m.running_mean.copy(), "bn_var": m.running_var.copy()} if m.batch_norm else {}
+
+    def load_running(self, arrays) -> None:
+        """Batch norm's running statistics become ``arrays["bn_mean"]``/``["bn_var"]`` (every rank holds its own)."""
+        if self.model.batch_norm:
+            self.model.running_mean[...] = arrays["bn_mean"]
+            self.model.running_var[...] = arrays["bn_var"]
 
     def load_state(self, arrays) -> None:
         """Continue from parameters and optimizer state as ``state_arrays`` gives them (collective).
 
-        ``arrays``: any mapping holding ``params`` and the ``optim_*`` arrays of this optimizer,
-        checked by ``Optimizer.load_state_dict`` (ValueError on a mismatch).
+        ``arrays``: any mapping holding ``params``, the ``optim_*`` arrays of this optimizer (checked
+        by ``Optimizer.load_state_dict``: ValueError on a mismatch) and, with batch norm, ``bn_mean``
+        and ``bn_var``.
         """
         prefix = "optim_"
         self.exchange.write_params(self.model, arrays["params"], self.optimizer,
                                    {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+        self.load_running(arrays)
 
     # -------------------------------------------------------------- the run directory
 

@@ -70,7 +70,7 @@ def test_checkpoint_holds_everything_documented(saved_run):
     for key in ("format", "format_version", "dpbp_version", "config", "model", "state", "optimizer",
                 "schedule", "rng", "history", "world_size", "data_digest", "normalize", "targets", "run"):
         assert key in meta, key
-    assert meta["format_version"] == ckpt.CHECKPOINT_VERSION == 3
+    assert meta["format_version"] == ckpt.CHECKPOINT_VERSION == 4
     assert meta["targets"] == {"task": "classification", "outputs": 3, "classes": [0, 1, 2], "normalize": "none",
                                "label_column": "last", "label_name": None, "header": "auto"}
     record = json.loads((run_dir / "run.json").read_text())
@@ -467,7 +467,7 @@ def test_any_checkpoint_is_a_model_taking_raw_inputs(saved_run, which):
 def test_model_file_holds_the_normaliser_and_the_targets_record(saved_run):
     cfg, run_dir, result = saved_run
     arrays, meta = ckpt.read_npz(run_dir / "model.npz", "model", lambda m: ckpt._model_layout(m, "model.npz"))
-    assert meta["format_version"] == ckpt.FORMAT_VERSION == 2 and meta["normalize"] == "standard"
+    assert meta["format_version"] == ckpt.FORMAT_VERSION == 3 and meta["normalize"] == "standard"
     assert set(arrays) == {"params", "norm_shift", "norm_scale"}
     assert arrays["norm_shift"].dtype == np.float64
     np.testing.assert_array_equal(arrays["params"], result.model.params)  # as trained: the map is beside it

@@ -521,14 +521,14 @@ def test_a_key_that_would_change_nothing_is_refused_by_name(key, when):
     field = C._fields(key.split(".")[0])[key.split(".")[1]]
     default = getattr(getattr(C.default_config(), key.split(".")[0]), key.split(".")[1])
     other = {bool: (not default), int: default + 1, float: default / 2 if default else 0.001,
-             str: "spirals"}[field[0]]
+             str: "spirals"}.get(field[0], 0.5)  # 0.5: model.dropout, a number or a list
     off = {"train.optimizer": "sgd", "train.schedule": "constant", "train.on_nonfinite": "stop",
-           "train.early_stopping_patience": 0, "checkpoint.keep_best": False, "data.val": "xor"}
+           "train.early_stopping_patience": 0, "checkpoint.keep_best": False, "data.val": "xor", "model.hidden": []}
     on = {"train.momentum": ["train.optimizer=momentum"], "train.nesterov": ["train.optimizer=momentum"],
           "train.beta1": [], "train.beta2": [], "train.rho": ["train.optimizer=rmsprop"], "train.eps": [],
           "train.step_epochs": ["train.schedule=step"], "train.gamma": ["train.schedule=step"],
           "train.min_lr": ["train.schedule=cosine"], "train.max_skipped_steps": ["train.on_nonfinite=skip"],
-          "train.min_delta": [], "data.val_fraction": []}[key]
+          "train.min_delta": [], "data.val_fraction": [], "model.dropout": [], "model.batch_norm": []}[key]
     value = C._toml_value(other)
     refused_with = [f"{k}={C._toml_value(v)}" for k, v in off.items() if k.split(".")[1] in when or k in when]
     err = error(C.load_config, None, [*refused_with, f"{key}={value}"])

@@ -90,6 +90,8 @@ PROBES = {
     "model.loss": ("mse", (), "params"),
     "model.init": ("normal", (), "params"),
     "model.dtype": ("float32", (), "params"),
+    "model.dropout": (0.5, (), "params"),
+    "model.batch_norm": ("true", (), "params"),
     "data.train": ("spirals:n=200", (), "params"),
     "data.val": ("spirals:n=50,noise=0.5", (), "history"),
     "data.val_fraction": (0.3, (), "params"),

@@ -132,3 +132,16 @@ def test_not_a_model_and_no_onnx_package(tmp_path, monkeypatch):
     result = invoke("export", "--model", model, "--output", tmp_path / "m.onnx")
     assert result.exit_code == 1 and "pip install 'dpbp[onnx]'" in result.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_batch_norm_folds_into_the_graph_and_dropout_leaves_no_trace(tmp_path, activation, dtype):
+    model = train(tmp_path, "data.train=spirals:n=302,classes=3", f"model.activation={activation}",
+                  "model.batch_norm=true", "model.dropout=0.3", f"model.dtype={dtype}")
+    x = np.random.default_rng(5).normal(size=(41, 2))
+    expected, _, got = predict_both(tmp_path, model, x, dtype=np.dtype(dtype))
+    tolerance = 1e-10 if dtype == "float64" else 1e-5
+    np.testing.assert_allclose(got["probabilities"], expected, rtol=tolerance, atol=tolerance)
+    ops_used = {node.op_type for node in onnx.load(tmp_path / "m.onnx").graph.node}
+    assert "BatchNormalization" not in ops_used and "Dropout" not in ops_used
