@@ -1,7 +1,8 @@
 """A run's state at a step boundary: what a checkpoint holds, writing it, reading it back, and the checks.
 
 ``TrainState`` is the global progress (no per-rank iterators: the shuffle is a pure function of
-``(seed, epoch)`` and the learning rate of the global step). ``save`` (rank 0 writes, every rank
+``(seed, epoch)`` and the learning rate of the global step and, for the plateau schedule, its state,
+saved beside as ``meta["schedule"]["plateau"]``). ``save`` (rank 0 writes, every rank
 agrees), ``restore`` (every rank reads, after ``check_compatible`` has refused a checkpoint of
 another model, optimizer, config or data from its metadata alone) and ``restore_best`` act on a
 ``dpbp.train.Trainer``; the file format itself is ``dpbp.checkpoint``'s, the lineage ``dpbp.rundir``'s.
@@ -35,7 +36,8 @@ class TrainState:
     """Everything global needed to continue a run exactly (no per-rank iterators).
 
     The shuffle is a pure function of (seed, epoch) and the learning rate of the
-    global step, so this plus parameters and optimizer state is the whole run.
+    global step (plus the plateau schedule's ``dpbp.optim.Plateau``, which the checkpoint
+    holds beside this), so this plus parameters and optimizer state is the whole run.
     """
 
     epoch: int = 0  # 0-based epoch in progress

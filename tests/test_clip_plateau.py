@@ -18,7 +18,7 @@ from dpbp import checkpoint as ckpt
 from dpbp import exchange as exchange_mod
 from dpbp.comm import SerialComm
 from dpbp.config import load_config
-from dpbp.errors import ConfigError
+from dpbp.errors import ConfigError, DpbpError
 from dpbp.optim import LRSchedule
 from dpbp.train import Trainer, prepare_data
 
@@ -227,3 +227,15 @@ def test_plateau_and_clip_settings_that_would_do_nothing_are_refused(overrides, 
     assert info.value.key == key
     ok = load_config(None, ["train.schedule=plateau", "train.early_stopping_patience=4", "train.plateau_patience=2"])
     assert ok.train.plateau_patience == 2
+
+
+@pytest.mark.parametrize("bad", [{"reductions": -1}, {"num_bad_epochs": 1.5}, {"best": "low"}])
+def test_a_malformed_plateau_state_is_refused_by_name(tmp_path, bad):
+    cfg = small_config("train.schedule=plateau", "train.epochs=1")
+    trainer(cfg, tmp_path / "run").run()
+    path = ckpt.periodic_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    arrays, meta = ckpt.load_checkpoint(path)
+    meta["schedule"]["plateau"].update(bad)
+    ckpt.atomic_write_npz(tmp_path / "bad.npz", arrays, meta)
+    with pytest.raises(DpbpError, match="bad.npz: malformed checkpoint metadata"):
+        trainer(cfg).restore(tmp_path / "bad.npz")
