@@ -98,7 +98,7 @@ def payload(trainer) -> tuple[dict[str, np.ndarray], dict]:
         "model": t.model.describe(),
         "optimizer": {"name": t.optimizer.name, "t": t.optimizer.t},
         "schedule": {"kind": t.cfg.train.schedule, "lr_next": t.schedule(t.state.global_step),
-                     **({"plateau": t.schedule.plateau.to_json()} if t.schedule.plateau is not None else {})},
+                     **({"plateau": t.plateau.to_json()} if t.plateau is not None else {})},
         "state": t.state.to_json(),
         "rng": {"shuffle": "numpy default_rng([train.seed, epoch])", "seed": t.cfg.train.seed},
         "history": t.history,
@@ -185,7 +185,7 @@ def restore(trainer, path: str | Path) -> None:
     arrays, state, history, run, plateau = all_or_nothing(t.comm, load, f"reading checkpoint {path}")
     t.load_state(arrays)
     t.state = state
-    if t.schedule.plateau is not None:
+    if t.plateau is not None:
         t.schedule.plateau = plateau
     t.history = history
     t.resumed_from = rundir_mod.Resume(path, {**run, "step": state.global_step} if run else None)

@@ -39,7 +39,7 @@ from dpbp.comm import all_or_nothing, check_data_agrees, check_in_sync
 from dpbp.config import Config
 from dpbp.errors import AgreedError, ConfigError, DataError, DpbpError, SaveError, TrainingError
 from dpbp.model import MLP
-from dpbp.optim import LRSchedule, Optimizer, all_finite, make_optimizer
+from dpbp.optim import LRSchedule, Optimizer, Plateau, all_finite, make_optimizer
 from dpbp.progress import Progress
 from dpbp.runstate import FROZEN_ON_RESUME, TrainState, frozen_changes
 from dpbp.signals import PREEMPTED_EXIT_CODE
@@ -715,14 +715,20 @@ class Trainer:
             st.stopped = "early_stopping"
         return improved
 
+    @property
+    def plateau(self) -> Plateau | None:
+        """The plateau schedule's state (checkpointed); None for the other schedules, or a ``schedule``
+        replaced by a plain function of the step."""
+        return getattr(self.schedule, "plateau", None)
+
     def _update_plateau(self, record: dict) -> None:
         """``train.schedule = plateau``: give the schedule this epoch's validation loss (reduced: the same
         on every rank, so every rank reduces alike); rank 0 says when the rate goes down."""
-        if self.schedule.plateau is None or self.state.stopped:
+        if self.plateau is None or self.state.stopped:
             return
         if self.schedule.observe(record["val_loss"]) and self.comm.is_root:
             self.echo(f"plateau: validation loss {record['val_loss']:.4g} has not improved on "
-                      f"{self.schedule.plateau.best:.4g} for {self.cfg.train.plateau_patience + 1} epochs; "
+                      f"{self.plateau.best:.4g} for {self.cfg.train.plateau_patience + 1} epochs; "
                       f"learning rate now {self.schedule.plateau_lr():.4g}")
 
     def _finish(self, stopped: str, run_start: float) -> TrainResult:
