@@ -267,7 +267,9 @@ class TrainConfig:
     schedule: str = field(
         default="constant",
         metadata=_meta(
-            "learning-rate schedule after warm-up",
+            "learning-rate schedule after warm-up; plateau: multiply the rate by train.gamma (down to "
+            "train.min_lr) once the validation loss has not improved by train.min_delta for more than "
+            "train.plateau_patience epochs (PyTorch's ReduceLROnPlateau, threshold_mode abs)",
             choices=_optim.SCHEDULES,
         ),
     )
@@ -281,11 +283,34 @@ class TrainConfig:
     )
     gamma: float = field(
         default=0.1,
-        metadata=_meta("step schedule: decay factor", min_exclusive=0.0, max=1.0),
+        metadata=_meta("step schedule: decay factor; plateau: the reduction factor (PyTorch's factor, < 1)",
+                       min_exclusive=0.0, max=1.0),
+    )
+    plateau_patience: int = field(
+        default=10,
+        metadata=_meta(
+            "plateau schedule: epochs without validation improvement tolerated; the rate is reduced after the "
+            "next one (PyTorch's patience)", min=0,
+        ),
+    )
+    plateau_cooldown: int = field(
+        default=0,
+        metadata=_meta(
+            "plateau schedule: epochs after a reduction during which epochs without improvement are not counted "
+            "(PyTorch's cooldown)", min=0,
+        ),
     )
     min_lr: float = field(
         default=0.0,
-        metadata=_meta("cosine schedule: final learning rate (< lr)", min=0.0),
+        metadata=_meta("cosine schedule: final learning rate; plateau: the lowest rate (PyTorch's min_lr); < lr",
+                       min=0.0),
+    )
+    clip_grad_norm: float = field(
+        default=0.0,
+        metadata=_meta(
+            "clip the batch-mean gradient to this global L2 norm (over all layers, before weight decay and the "
+            "optimizer: PyTorch's clip_grad_norm_, factor min(1, max / (norm + 1e-6))); 0 disables", min=0.0,
+        ),
     )
     seed: int = field(
         default=0,
@@ -304,7 +329,8 @@ class TrainConfig:
     min_delta: float = field(
         default=0.0,
         metadata=_meta(
-            "smallest val loss decrease that counts as improvement", min=0.0
+            "smallest val loss decrease that counts as improvement (early stopping, best.npz and the plateau "
+            "schedule: PyTorch's threshold with threshold_mode abs)", min=0.0
         ),
     )
     check_sync_every: int = field(
@@ -473,6 +499,30 @@ def _check_min_lr(cfg: Config) -> str | None:
     return f"must be < train.lr = {cfg.train.lr!r}, got {cfg.train.min_lr!r}"
 
 
+def _check_plateau_validation(cfg: Config) -> str | None:
+    if cfg.train.schedule != "plateau" or cfg.data.val or cfg.data.val_fraction > 0:
+        return None
+    return ("'plateau' is driven by the validation loss, and there is no validation data: set data.val or "
+            "data.val_fraction > 0")
+
+
+def _check_plateau_factor(cfg: Config) -> str | None:
+    if cfg.train.schedule != "plateau" or cfg.train.gamma < 1:
+        return None
+    return "1.0 would never reduce the learning rate of the plateau schedule: give a factor < 1 (e.g. 0.1)"
+
+
+def _check_plateau_patience(cfg: Config) -> str | None:
+    t = cfg.train
+    if t.schedule != "plateau" or not t.early_stopping_patience or t.early_stopping_patience > t.plateau_patience + 1:
+        return None
+    # Both count epochs without an improvement of the same validation loss by train.min_delta.
+    return (f"{t.plateau_patience} would change nothing: early stopping (train.early_stopping_patience = "
+            f"{t.early_stopping_patience}) ends the run before the plateau schedule reduces the rate, after "
+            f"{t.plateau_patience + 1} epochs without improvement; set train.early_stopping_patience > "
+            f"{t.plateau_patience + 1} or lower train.plateau_patience")
+
+
 def _check_heartbeat_timeout(cfg: Config) -> str | None:
     t = cfg.train.heartbeat_timeout
     if t == 0 or t >= 1:
@@ -505,11 +555,14 @@ _APPLIES: tuple[tuple[str, str, Callable[[Config], bool]], ...] = (
     ("train.rho", "train.optimizer = rmsprop", lambda c: c.train.optimizer == "rmsprop"),
     ("train.eps", "train.optimizer = rmsprop or adam", lambda c: c.train.optimizer in ("rmsprop", "adam")),
     ("train.step_epochs", "train.schedule = step", lambda c: c.train.schedule == "step"),
-    ("train.gamma", "train.schedule = step", lambda c: c.train.schedule == "step"),
-    ("train.min_lr", "train.schedule = cosine", lambda c: c.train.schedule == "cosine"),
+    ("train.gamma", "train.schedule = step or plateau", lambda c: c.train.schedule in ("step", "plateau")),
+    ("train.plateau_patience", "train.schedule = plateau", lambda c: c.train.schedule == "plateau"),
+    ("train.plateau_cooldown", "train.schedule = plateau", lambda c: c.train.schedule == "plateau"),
+    ("train.min_lr", "train.schedule = cosine or plateau", lambda c: c.train.schedule in ("cosine", "plateau")),
     ("train.max_skipped_steps", "train.on_nonfinite = skip", lambda c: c.train.on_nonfinite == "skip"),
-    ("train.min_delta", "train.early_stopping_patience > 0 or checkpoint.keep_best (it decides what improved)",
-     lambda c: c.train.early_stopping_patience > 0 or c.checkpoint.keep_best),
+    ("train.min_delta", "train.early_stopping_patience > 0, checkpoint.keep_best or train.schedule = plateau (it "
+     "decides what improved)",
+     lambda c: c.train.early_stopping_patience > 0 or c.checkpoint.keep_best or c.train.schedule == "plateau"),
     ("data.val_fraction", "data.val is empty (the validation set is then split off data.train)",
      lambda c: c.data.val == ""),
     ("model.dropout", "model.hidden is not empty (it drops hidden units)", lambda c: bool(c.model.hidden)),
@@ -550,6 +603,11 @@ _CROSS_CHECKS: tuple[tuple[str, str, Callable[[Config], str | None]], ...] = (
     ),
     ("model.dropout", "a list needs one rate per hidden layer", _check_dropout_rates),
     ("train.min_lr", "must be < `train.lr`", _check_min_lr),
+    ("train.schedule", "`plateau` needs validation data (`data.val`, or `data.val_fraction` > 0)",
+     _check_plateau_validation),
+    ("train.gamma", "< 1 with `train.schedule = plateau`", _check_plateau_factor),
+    ("train.plateau_patience", "with early stopping on, `train.early_stopping_patience` must exceed "
+     "`train.plateau_patience + 1` (else the run stops before any reduction)", _check_plateau_patience),
     ("train.heartbeat_timeout", "0 (off) or at least 1", _check_heartbeat_timeout),
     (
         "checkpoint.restore_best",

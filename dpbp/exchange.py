@@ -11,6 +11,8 @@ gradient sum, combine across ranks, the same eta update):
   rank (``Sums``), with this rank's ``span`` of the summed gradient ready;
 * ``bad_layer(squares)``: this rank's exact answer to "which layer of my span holds
   NaN/Inf" (only looked for where a squared norm is not finite);
+* ``exact_norm()`` (collective): the L2 norm of the whole summed gradient in float64, for the
+  rare step whose squared norms overflowed the model dtype (gradient clipping needs it then);
 * ``update(params, optimizer, lr, scale)`` (collective): the optimizer applied to this
   rank's span of ``params`` with the gradient times ``scale`` (1 / global rows); afterwards
   every rank reads the complete, updated parameters.
@@ -102,6 +104,13 @@ class Exchange:
                 return layer
         return None
 
+    def exact_norm(self) -> float:
+        """The L2 norm of the whole summed gradient, in float64 without overflow (valid after ``combine``).
+
+        Identical on every rank. Collective (call on every rank alike); one pass over this rank's span.
+        """
+        raise NotImplementedError
+
     def write_params(self, model, params: np.ndarray, optimizer=None, state: dict | None = None) -> None:
         """Every rank: the parameters (and optimizer ``state``, if given) become these (collective)."""
         model.params[...] = params
@@ -144,6 +153,9 @@ class Allreduce(Exchange):
 
     def span_grad(self) -> np.ndarray:
         return self.grad
+
+    def exact_norm(self) -> float:
+        return wide_norm(self.grad)  # every rank holds the same whole sum: nothing to exchange
 
     def update(self, params: np.ndarray, optimizer, lr: float, scale: float) -> None:
         bound = float(np.sum(self.squares, dtype=np.float64)) * scale * scale
@@ -226,6 +238,11 @@ class SharedMemory(Exchange):
         lo, hi = self.span
         return self.buf[: hi - lo]
 
+    def exact_norm(self) -> float:
+        # DP: every node holds the same spans; take each node rank's once, in node-rank order
+        norms = dict(reversed(self.comm.allgather_obj((self.me, wide_norm(self.span_grad())))))
+        return math.hypot(*(norms[r] for r in sorted(norms)))
+
     def update(self, params: np.ndarray, optimizer, lr: float, scale: float) -> None:
         bound = float(np.sum(self.posted[self.me, :-TAIL], dtype=np.float64)) * scale * scale
         optimizer.step(params, self.span_grad(), lr, grad_scale=scale, span=self.span, squares=bound)
@@ -237,6 +254,23 @@ class SharedMemory(Exchange):
         elif state is not None:
             optimizer.t = int(state["t"])
         self.comm.node_barrier()
+
+
+def wide_norm(x: np.ndarray) -> float:
+    """The L2 norm of the 1-D array ``x`` in float64, scaled chunk by chunk so that no square overflows.
+
+    Allocates one float64 chunk at a time; ``x`` is not modified. NaN/Inf entries give NaN/Inf.
+    """
+    norms = []
+    for start in range(0, x.shape[0], CHUNK_ELEMENTS):
+        chunk = x[start : start + CHUNK_ELEMENTS].astype(np.float64)
+        top = float(np.max(np.abs(chunk)))
+        if top > 0 and math.isfinite(top):
+            chunk /= top
+            norms.append(top * math.sqrt(float(np.dot(chunk, chunk))))
+        elif top != 0:
+            norms.append(top)  # NaN or Inf
+    return math.hypot(*norms)
 
 
 def shm_free_bytes() -> int | None:

@@ -19,6 +19,7 @@ are never saturated: an update that takes one beyond the dtype's range leaves it
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,7 +30,9 @@ CHUNK_ELEMENTS = 1 << 17
 # longdouble is wider than float64 on x86-64 Linux; where it is not, float64 state saturates.
 WIDER = {np.dtype(np.float16): np.dtype(np.float64), np.dtype(np.float32): np.dtype(np.float64),
          np.dtype(np.float64): np.dtype(np.longdouble)}
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "plateau")
+# ReduceLROnPlateau's eps (torch's default): a reduction of the learning rate by less than this is not made.
+PLATEAU_EPS = 1e-8
 
 
 def all_finite(x: np.ndarray) -> bool:
@@ -284,23 +287,64 @@ def make_optimizer(name: str, n_params: int, dtype="float32", **hyper) -> Optimi
     return OPTIMIZER_CLASSES[name](n_params, dtype, **hyper)
 
 
+@dataclass
+class Plateau:
+    """The state of a reduce-on-plateau schedule: what a checkpoint must hold to continue it exactly.
+
+    The fields of ``torch.optim.lr_scheduler.ReduceLROnPlateau`` (``best``, ``num_bad_epochs``,
+    ``cooldown_counter``) plus ``reductions``, the number of times the rate was reduced (tried:
+    one at ``min_lr`` changes nothing); the current rate follows from it and the config.
+    """
+
+    best: float = math.inf  # the lowest monitored value that counted as an improvement
+    num_bad_epochs: int = 0  # epochs since then (kept at 0 during a cooldown)
+    cooldown_counter: int = 0  # epochs left during which bad epochs are not counted
+    reductions: int = 0
+
+    def to_json(self) -> dict:
+        """A JSON-safe dict (``best`` None while infinite)."""
+        return {"best": None if math.isinf(self.best) else self.best, "num_bad_epochs": self.num_bad_epochs,
+                "cooldown_counter": self.cooldown_counter, "reductions": self.reductions}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Plateau:
+        """Inverse of ``to_json``; ValueError/TypeError on a malformed dict."""
+        best = math.inf if d["best"] is None else float(d["best"])
+        counts = [d[k] for k in ("num_bad_epochs", "cooldown_counter", "reductions")]
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise ValueError(f"plateau counters must be integers >= 0, got {counts}")
+        return cls(best, *counts)
+
+
 class LRSchedule:
-    """The learning rate as a pure function of the global step (so resume needs only the step).
+    """The learning rate of each update: a function of the global step and, for ``plateau``, its ``Plateau`` state.
 
     ``kind``: ``constant``; ``step`` (multiply by ``gamma`` every ``step_size`` steps);
-    ``cosine`` (from ``base_lr`` down to ``min_lr`` over ``total_steps``). A linear
-    warm-up over the first ``warmup_steps`` updates ramps to the scheduled value.
+    ``cosine`` (from ``base_lr`` down to ``min_lr`` over ``total_steps``); ``plateau``
+    (``torch.optim.lr_scheduler.ReduceLROnPlateau`` in mode ``min``, ``threshold_mode="abs"``:
+    ``observe`` is given the validation loss after every epoch, and once it has not fallen below
+    ``best - threshold`` for more than ``patience`` epochs the rate becomes
+    ``max(lr * gamma, min_lr)``, unless that changes it by no more than ``PLATEAU_EPS``; then
+    ``cooldown`` epochs pass before bad epochs count again). A linear warm-up over the first
+    ``warmup_steps`` updates ramps to the scheduled value (for ``plateau``: to its current rate).
+    Only ``plateau`` has state (``self.plateau``, checkpointed); the others need only the step.
     """
 
     def __init__(self, base_lr: float, kind: str = "constant", *, total_steps: int = 1,
-                 warmup_steps: int = 0, step_size: int = 1, gamma: float = 0.1, min_lr: float = 0.0):
+                 warmup_steps: int = 0, step_size: int = 1, gamma: float = 0.1, min_lr: float = 0.0,
+                 patience: int = 10, cooldown: int = 0, threshold: float = 0.0):
         if kind not in SCHEDULES:
             raise ValueError(f"unknown schedule {kind!r}; expected one of {', '.join(SCHEDULES)}")
         if base_lr <= 0:
             raise ValueError(f"learning rate must be > 0, got {base_lr}")
+        if kind == "plateau" and not 0 < gamma < 1:
+            raise ValueError(f"the plateau schedule's factor (gamma) must be in (0, 1), got {gamma}")
         self.base_lr, self.kind = float(base_lr), kind
         self.total_steps, self.warmup_steps = max(1, int(total_steps)), max(0, int(warmup_steps))
         self.step_size, self.gamma, self.min_lr = max(1, int(step_size)), float(gamma), float(min_lr)
+        self.patience, self.cooldown, self.threshold = int(patience), int(cooldown), float(threshold)
+        self.plateau = Plateau() if kind == "plateau" else None
+        self._reduced = (0, self.base_lr)  # (reductions, the rate after them): computed once per reduction
 
     def __call__(self, step: int) -> float:
         """Learning rate for the update with 0-based index ``step``."""
@@ -310,8 +354,47 @@ class LRSchedule:
             span = max(1, self.total_steps - self.warmup_steps)
             progress = min(1.0, max(0.0, (step - self.warmup_steps) / span))
             lr = self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+        elif self.kind == "plateau":
+            lr = self.plateau_lr()
         else:
             lr = self.base_lr
         if step < self.warmup_steps:
             lr *= (step + 1) / self.warmup_steps
         return lr
+
+    def plateau_lr(self) -> float:
+        """The plateau schedule's current rate: ``base_lr`` after ``plateau.reductions`` reductions.
+
+        Each reduction is torch's: ``new = max(old * gamma, min_lr)``, taken only when
+        ``old - new > PLATEAU_EPS``; so the same floats as a rate kept and reduced in place.
+        """
+        done, lr = self._reduced
+        if self.plateau.reductions < done:
+            done, lr = 0, self.base_lr
+        for _ in range(self.plateau.reductions - done):
+            new = max(lr * self.gamma, self.min_lr)
+            if lr - new > PLATEAU_EPS:
+                lr = new
+        self._reduced = (self.plateau.reductions, lr)
+        return lr
+
+    def observe(self, metric: float) -> bool:
+        """End of an epoch with validation loss ``metric`` (plateau only): update the state; True if it reduced.
+
+        ``torch.optim.lr_scheduler.ReduceLROnPlateau.step`` (mode min, threshold_mode abs).
+        NaN never counts as an improvement. Call with the same value on every rank.
+        """
+        p = self.plateau
+        if metric < p.best - self.threshold:
+            p.best, p.num_bad_epochs = float(metric), 0
+        else:
+            p.num_bad_epochs += 1
+        if p.cooldown_counter > 0:
+            p.cooldown_counter -= 1
+            p.num_bad_epochs = 0  # bad epochs during a cooldown are not counted
+        if p.num_bad_epochs > self.patience:
+            before = self.plateau_lr()
+            p.reductions += 1
+            p.cooldown_counter, p.num_bad_epochs = self.cooldown, 0
+            return self.plateau_lr() != before
+        return False

@@ -1,7 +1,8 @@
 """A run's state at a step boundary: what a checkpoint holds, writing it, reading it back, and the checks.
 
 ``TrainState`` is the global progress (no per-rank iterators: the shuffle is a pure function of
-``(seed, epoch)`` and the learning rate of the global step). ``save`` (rank 0 writes, every rank
+``(seed, epoch)`` and the learning rate of the global step and, for the plateau schedule, its state,
+saved beside as ``meta["schedule"]["plateau"]``). ``save`` (rank 0 writes, every rank
 agrees), ``restore`` (every rank reads, after ``check_compatible`` has refused a checkpoint of
 another model, optimizer, config or data from its metadata alone) and ``restore_best`` act on a
 ``dpbp.train.Trainer``; the file format itself is ``dpbp.checkpoint``'s, the lineage ``dpbp.rundir``'s.
@@ -21,6 +22,7 @@ from dpbp import rundir as rundir_mod
 from dpbp.comm import all_or_nothing, check_in_sync
 from dpbp.config import Config
 from dpbp.errors import CheckpointError
+from dpbp.optim import Plateau
 from dpbp.targets import Targets
 
 # Changing these between a checkpoint and its resume would change the data order or the model.
@@ -34,7 +36,8 @@ class TrainState:
     """Everything global needed to continue a run exactly (no per-rank iterators).
 
     The shuffle is a pure function of (seed, epoch) and the learning rate of the
-    global step, so this plus parameters and optimizer state is the whole run.
+    global step (plus the plateau schedule's ``dpbp.optim.Plateau``, which the checkpoint
+    holds beside this), so this plus parameters and optimizer state is the whole run.
     """
 
     epoch: int = 0  # 0-based epoch in progress
@@ -49,6 +52,8 @@ class TrainState:
     grad_norm_sums: list = field(default_factory=list)  # per-layer ||dL/dW|| summed over sampled steps
     grad_norm_count: int = 0
     skipped_steps: int = 0  # updates left out by train.on_nonfinite = "skip", over the whole run (resumes too)
+    epoch_clipped_steps: int = 0  # train.clip_grad_norm: steps of the epoch in progress that were clipped
+    epoch_clip_factor_min: float = 1.0  # ... and the smallest factor applied in it
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -92,7 +97,8 @@ def payload(trainer) -> tuple[dict[str, np.ndarray], dict]:
         "config": config_mod.to_dict(t.cfg),
         "model": t.model.describe(),
         "optimizer": {"name": t.optimizer.name, "t": t.optimizer.t},
-        "schedule": {"kind": t.cfg.train.schedule, "lr_next": t.schedule(t.state.global_step)},
+        "schedule": {"kind": t.cfg.train.schedule, "lr_next": t.schedule(t.state.global_step),
+                     **({"plateau": t.plateau.to_json()} if t.plateau is not None else {})},
         "state": t.state.to_json(),
         "rng": {"shuffle": "numpy default_rng([train.seed, epoch])", "seed": t.cfg.train.seed},
         "history": t.history,
@@ -163,6 +169,8 @@ def restore(trainer, path: str | Path) -> None:
         arrays, meta = ckpt.load_checkpoint(path, check=lambda meta: check_compatible(t, path, meta))
         try:
             state = TrainState.from_json(meta["state"])
+            saved = meta.get("schedule", {}).get("plateau")  # absent: not a plateau run; the schedule starts fresh
+            plateau = Plateau.from_json(saved) if saved is not None else Plateau()
             history = [dict(r) for r in meta["history"]]
             if not (0 <= state.epoch and 0 <= state.step_in_epoch < t.steps_per_epoch and 0 <= state.global_step):
                 raise ValueError(f"position epoch {state.epoch}, step {state.step_in_epoch} is out of range")
@@ -172,11 +180,13 @@ def restore(trainer, path: str | Path) -> None:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             # Only a hand-made file gets here: the checksum matched, the content does not make sense.
             raise CheckpointError(f"{path}: malformed checkpoint metadata ({type(exc).__name__}: {exc})") from None
-        return arrays, state, history, run
+        return arrays, state, history, run, plateau
 
-    arrays, state, history, run = all_or_nothing(t.comm, load, f"reading checkpoint {path}")
+    arrays, state, history, run, plateau = all_or_nothing(t.comm, load, f"reading checkpoint {path}")
     t.load_state(arrays)
     t.state = state
+    if t.plateau is not None:
+        t.schedule.plateau = plateau
     t.history = history
     t.resumed_from = rundir_mod.Resume(path, {**run, "step": state.global_step} if run else None)
     t.parent = {"run_id": run["run_id"], "seq": run["seq"]} if run else None

@@ -39,7 +39,7 @@ from dpbp.comm import all_or_nothing, check_data_agrees, check_in_sync
 from dpbp.config import Config
 from dpbp.errors import AgreedError, ConfigError, DataError, DpbpError, SaveError, TrainingError
 from dpbp.model import MLP, StepContext
-from dpbp.optim import LRSchedule, Optimizer, all_finite, make_optimizer
+from dpbp.optim import LRSchedule, Optimizer, Plateau, all_finite, make_optimizer
 from dpbp.progress import Progress
 from dpbp.runstate import FROZEN_ON_RESUME, TrainState, frozen_changes
 from dpbp.signals import PREEMPTED_EXIT_CODE
@@ -269,11 +269,13 @@ def build_optimizer(cfg: Config, model: MLP) -> Optimizer:
 
 
 def build_schedule(cfg: Config, steps_per_epoch: int) -> LRSchedule:
+    """The configured learning-rate schedule (``plateau``: its state starts fresh; a resume loads it)."""
     t = cfg.train
     return LRSchedule(
         t.lr, t.schedule, total_steps=t.epochs * steps_per_epoch,
         warmup_steps=round(t.warmup_epochs * steps_per_epoch),
         step_size=t.step_epochs * steps_per_epoch, gamma=t.gamma, min_lr=t.min_lr,
+        patience=t.plateau_patience, cooldown=t.plateau_cooldown, threshold=t.min_delta,
     )
 
 
@@ -425,6 +427,9 @@ class Trainer:
         self.stop_reason: Callable[[], str] = lambda: "a stop signal"
         self.data = data if data is not None else all_or_nothing(comm, lambda: prepare_data(cfg), "loading data")
         self.digests = check_data_agrees(comm, self.data.digests())  # DP: before anything depends on the row counts
+        if cfg.train.schedule == "plateau" and self.data.val is None:  # the same data, so the same on every rank
+            raise ConfigError("train.schedule", "'plateau' is driven by the validation loss, and this run has no "
+                              "validation data")
         self.model = all_or_nothing(comm, lambda: build_model(cfg, model_sizes(
             cfg, self.data.train.n_features, self.data.targets.outputs, self.data.train.source)), "building the model")
         check_in_sync(comm, self.model.params, "at start-up")  # DP: same seed must mean same weights
@@ -482,9 +487,12 @@ class Trainer:
             return sums.loss_sum, sums.correct, sums.count
         self.model.update_running_stats()  # batch norm: only a step that is kept moves the running statistics
         if self.state.global_step % self.diag_every == 0:
-            self._add_grad_norms(sums.squares, 1.0 / sums.count)
-        # (4) the same update everywhere, the gradient divided ONCE by the GLOBAL row count
-        ex.update(self.model.params, self.optimizer, self.schedule(self.state.global_step), 1.0 / sums.count)
+            self._add_grad_norms(sums.squares, 1.0 / sums.count)  # before clipping, as clip_grad_norm_ returns
+        scale = 1.0 / sums.count
+        if self.cfg.train.clip_grad_norm > 0:
+            scale *= self._clip_factor(sums)
+        # (4) the same update everywhere, the gradient divided ONCE by the GLOBAL row count (and clipped)
+        ex.update(self.model.params, self.optimizer, self.schedule(self.state.global_step), scale)
         self._updated_at = self.state.global_step + 1
         return sums.loss_sum, sums.correct, sums.count
 
@@ -503,6 +511,24 @@ class Trainer:
             return False
         self._nonfinite(sums.loss_sum, layer)  # raises, or returns: this update is left out everywhere
         return True
+
+    def _clip_factor(self, sums: exchange_mod.Sums) -> float:
+        """``train.clip_grad_norm``: the factor of the batch-mean gradient, ``min(1, max_norm / (norm + 1e-6))``.
+
+        As ``torch.nn.utils.clip_grad_norm_``, with ``norm`` the L2 norm over every layer, taken from
+        the reduced per-layer squared norms (no second pass, no second reduction), so identical on
+        every rank. Only where those overflowed the model dtype while every entry is finite is the
+        norm computed again, in float64 (``Exchange.exact_norm``, collective on every rank alike).
+        Counts the clipped steps and the smallest factor of the epoch in ``state``.
+        """
+        st = self.state
+        total = sum(sums.squares)
+        norm = (math.sqrt(total) if math.isfinite(total) else self.exchange.exact_norm()) / sums.count
+        factor = min(1.0, self.cfg.train.clip_grad_norm / (norm + 1e-6))
+        if factor < 1.0:
+            st.epoch_clipped_steps += 1
+            st.epoch_clip_factor_min = min(st.epoch_clip_factor_min, factor)
+        return factor
 
     def _add_grad_norms(self, squares: list[float], scale: float) -> None:
         """Add this step's per-layer gradient norms (sqrt of the squared sums, times ``scale``) to the epoch's sums.
@@ -625,6 +651,7 @@ class Trainer:
             record = self._end_of_epoch(seconds, epoch_samples)
             progress.epoch_summary(record)
             improved = self._update_early_stopping(record)
+            self._update_plateau(record)
             if improved and ck.keep_best and record["val_loss"] is not None:
                 self.save_checkpoint(best=True)
             if (self.stop_votes > 0 or (ck.every_steps and st.global_step % ck.every_steps == 0)
@@ -658,6 +685,8 @@ class Trainer:
             "samples_per_s": samples / seconds if seconds > 0 else None,
             "seconds": seconds,
             "grad_norm": [g / st.grad_norm_count for g in st.grad_norm_sums] if st.grad_norm_count else None,
+            **({"clipped_steps": st.epoch_clipped_steps, "clip_factor_min": st.epoch_clip_factor_min}
+               if self.cfg.train.clip_grad_norm > 0 else {}),
             "weight_norm": [float(np.sqrt(np.vdot(W, W))) for W in self.model.weights],
         })
         if self.data.val is not None:
@@ -674,6 +703,7 @@ class Trainer:
         st.step_in_epoch = 0
         st.epoch_loss_sum = st.epoch_correct = st.epoch_count = 0.0
         st.grad_norm_sums, st.grad_norm_count = [], 0
+        st.epoch_clipped_steps, st.epoch_clip_factor_min = 0, 1.0
         return record
 
     def _update_early_stopping(self, record: dict) -> bool:
@@ -691,6 +721,22 @@ class Trainer:
         if t.early_stopping_patience and st.epochs_since_best >= t.early_stopping_patience:
             st.stopped = "early_stopping"
         return improved
+
+    @property
+    def plateau(self) -> Plateau | None:
+        """The plateau schedule's state (checkpointed); None for the other schedules, or a ``schedule``
+        replaced by a plain function of the step."""
+        return getattr(self.schedule, "plateau", None)
+
+    def _update_plateau(self, record: dict) -> None:
+        """``train.schedule = plateau``: give the schedule this epoch's validation loss (reduced: the same
+        on every rank, so every rank reduces alike); rank 0 says when the rate goes down."""
+        if self.plateau is None or self.state.stopped:
+            return
+        if self.schedule.observe(record["val_loss"]) and self.comm.is_root:
+            self.echo(f"plateau: validation loss {record['val_loss']:.4g} has not improved on "
+                      f"{self.plateau.best:.4g} for {self.cfg.train.plateau_patience + 1} epochs; "
+                      f"learning rate now {self.schedule.plateau_lr():.4g}")
 
     def _finish(self, stopped: str, run_start: float) -> TrainResult:
         final: dict = {"epochs": self.state.epoch, "steps": self.state.global_step,

@@ -528,6 +528,7 @@ def test_a_key_that_would_change_nothing_is_refused_by_name(key, when):
           "train.beta1": [], "train.beta2": [], "train.rho": ["train.optimizer=rmsprop"], "train.eps": [],
           "train.step_epochs": ["train.schedule=step"], "train.gamma": ["train.schedule=step"],
           "train.min_lr": ["train.schedule=cosine"], "train.max_skipped_steps": ["train.on_nonfinite=skip"],
+          "train.plateau_patience": ["train.schedule=plateau"], "train.plateau_cooldown": ["train.schedule=plateau"],
           "train.min_delta": [], "data.val_fraction": [], "model.dropout": [], "model.batch_norm": []}[key]
     value = C._toml_value(other)
     refused_with = [f"{k}={C._toml_value(v)}" for k, v in off.items() if k.split(".")[1] in when or k in when]

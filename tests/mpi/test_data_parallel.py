@@ -64,6 +64,46 @@ def test_whole_run_equals_one_rank(optimizer, kind):
 
 
 @pytest.mark.parametrize("kind", EXCHANGES)
+def test_clipping_and_plateau_run_equals_one_rank(kind):
+    """Clipping active on most steps and plateau reductions: the same factors, rates and weights as 1 rank."""
+    cfg = small_config("train.clip_grad_norm=0.2", "train.weight_decay=0.01", "train.schedule=plateau",
+                       "train.plateau_patience=0", "train.min_delta=1.0", "train.epochs=3", exchange_setting(kind))
+    ref = quiet(cfg, SerialComm()).run()
+    world = exchange_comm(kind)
+    dist = quiet(cfg, world)
+    check_exchange(dist, kind)
+    dist = dist.run()
+    assert max_rel_diff(dist.model.params, ref.model.params) < 1e-10
+    assert [r["clipped_steps"] for r in dist.history] == [r["clipped_steps"] for r in ref.history]
+    assert sum(r["clipped_steps"] for r in ref.history) > 0
+    np.testing.assert_allclose([r["clip_factor_min"] for r in dist.history],
+                               [r["clip_factor_min"] for r in ref.history], rtol=1e-10)
+    assert [r["lr"] for r in dist.history] == [r["lr"] for r in ref.history] == [0.05, 0.05, 0.05 * 0.1]
+    digests = world.comm.allgather(dist.model.params.tobytes())
+    assert all(d == digests[0] for d in digests)
+
+
+@pytest.mark.parametrize("kind", EXCHANGES)
+@pytest.mark.parametrize("batch", [17, 2])  # 2 leaves some ranks with zero rows
+def test_exact_gradient_norm_equals_one_rank(batch, kind):
+    """The float64 norm clipping falls back on (squares beyond the dtype) counts every span once."""
+    cfg = small_config(f"train.batch_size={batch}", exchange_setting(kind))
+    ref, dist = quiet(cfg, SerialComm()), quiet(cfg, exchange_comm(kind))
+    norms = {}
+    for name, t in (("ref", ref), ("dist", dist)):
+        def spy(stats, vote, t=t, name=name, combine=t.exchange.combine):
+            sums = combine(stats, vote)
+            norms[name] = (t.exchange.exact_norm(), sums.squares)
+            return sums
+
+        t.exchange.combine = spy
+        t.step(np.arange(t.data.train.n_samples), 3)
+    (mine, squares), (theirs, _) = norms["dist"], norms["ref"]
+    assert mine == pytest.approx(theirs, rel=1e-12) and mine == pytest.approx(np.sqrt(sum(squares)), rel=1e-12)
+    assert len(set(dist.comm.comm.allgather(mine))) == 1  # the very same number on every rank
+
+
+@pytest.mark.parametrize("kind", EXCHANGES)
 def test_weights_identical_on_every_rank_after_training(kind):
     world = exchange_comm(kind)
     result = quiet(small_config(exchange_setting(kind), dtype="float32"), world).run()
