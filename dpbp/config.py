@@ -41,6 +41,7 @@ from dpbp import data as _data
 from dpbp import model as _model
 from dpbp import ops as _ops
 from dpbp import optim as _optim
+from dpbp import products as _products
 from dpbp.errors import ConfigError
 
 try:
@@ -128,6 +129,23 @@ class ModelConfig:
         default="float32",
         metadata=_meta(
             "floating-point type of parameters and data", choices=_model.DTYPES
+        ),
+    )
+    precision: str = field(
+        default="full",
+        metadata=_meta(
+            "precision of the matrix products: full (in model.dtype) or bf16-mixed (model.dtype float32: "
+            "bfloat16 inputs with float32 accumulation; weights, gradients, exchange, loss and update stay "
+            "float32; needs PyTorch and a CPU with AVX-512 BF16 or AMX)",
+            choices=_products.PRECISIONS,
+        ),
+    )
+    products: str = field(
+        default="auto",
+        metadata=_meta(
+            "library for the matrix products: numpy (NumPy's BLAS), torch (PyTorch's CPU matmul on the same "
+            "buffers; pip install 'dpbp[torch]'), auto (torch for bf16-mixed, numpy otherwise)",
+            choices=_products.PRODUCTS,
         ),
     )
 
@@ -461,6 +479,18 @@ def _check_heartbeat_timeout(cfg: Config) -> str | None:
     return f"must be 0 (off) or at least 1 second, got {t!r}"
 
 
+def _check_precision(cfg: Config) -> str | None:
+    if cfg.model.precision != "bf16-mixed" or cfg.model.dtype == "float32":
+        return None
+    return f"bf16-mixed keeps float32 master weights: it needs model.dtype = float32, not {cfg.model.dtype}"
+
+
+def _check_products(cfg: Config) -> str | None:
+    if cfg.model.precision != "bf16-mixed" or cfg.model.products != "numpy":
+        return None
+    return "numpy has no bfloat16 matrix product: bf16-mixed needs model.products = torch or auto"
+
+
 def _check_restore_best(cfg: Config) -> str | None:
     if not cfg.checkpoint.restore_best or cfg.checkpoint.keep_best:
         return None
@@ -518,6 +548,8 @@ _CROSS_CHECKS: tuple[tuple[str, str, Callable[[Config], str | None]], ...] = (
         "`standard` needs `model.loss = mse` with `model.output = identity`",
         _check_target_scaling,
     ),
+    ("model.precision", "`bf16-mixed` needs `model.dtype = float32`", _check_precision),
+    ("model.products", "`numpy` cannot do `model.precision = bf16-mixed`", _check_products),
     ("train.min_lr", "must be < `train.lr`", _check_min_lr),
     ("train.heartbeat_timeout", "0 (off) or at least 1", _check_heartbeat_timeout),
     (

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dpbp import ops
+from dpbp.products import make_products
 
 INITS = ("auto", "he", "xavier", "normal")
 NORMAL_INIT_STD = 0.1
@@ -85,6 +86,12 @@ class MLP:
         init: ``auto`` (He for relu/leaky_relu layers, Xavier/Glorot uniform otherwise),
             ``he``, ``xavier`` or ``normal`` (N(0, 0.1^2)). Biases start at zero.
         dtype: ``float32`` (default) or ``float64``; every buffer has this dtype.
+        precision: ``full`` (default: the matrix products in ``dtype``) or ``bf16-mixed`` (float32
+            only: the products' inputs in bfloat16, float32 accumulation; see ``dpbp.products``).
+        products: which library computes the matrix products: ``auto`` (torch for bf16-mixed,
+            else numpy), ``numpy`` or ``torch`` (the optional PyTorch extra). Raises ValueError for
+            an impossible pair, ``MissingExtraError`` without PyTorch, ``UnsupportedCPUError`` for
+            bf16-mixed on a CPU without AVX-512 BF16 or AMX.
         seed: weights come from ``np.random.default_rng(seed)`` in float64, then cast,
             so the same seed gives the same weights on every machine and rank.
 
@@ -102,6 +109,8 @@ class MLP:
         init: str = "auto",
         dtype: str = "float32",
         seed: int = 0,
+        precision: str = "full",
+        products: str = "auto",
     ):
         self.sizes = _check_sizes(sizes)
         if activation not in ops.HIDDEN_ACTIVATIONS:
@@ -117,6 +126,8 @@ class MLP:
         self.activation, self.output, self.loss, self.init = activation, output, loss, init
         self.dtype = np.dtype(dtype)
         self.seed = int(seed)
+        self.products = make_products(products, precision, self.dtype)  # the library for the matrix products
+        self.precision = precision
         self.n_layers = len(self.sizes) - 1
         self.n_params = sum((i + 1) * o for i, o in zip(self.sizes[:-1], self.sizes[1:]))
         self._params = np.zeros(self.n_params, self.dtype)
@@ -235,7 +246,7 @@ class MLP:
         last = self.n_layers - 1
         for l, (W, b) in enumerate(zip(self.weights, self.biases)):
             z = ws.z[l]
-            np.matmul(a, W.T, out=z)
+            self.products.forward(l, a, W, z)
             z += b
             if l < last:
                 scratch = ws.view(ws.scratch, ws.n, z.shape[1])
@@ -283,11 +294,11 @@ class MLP:
         buffers = (ws.delta_a, ws.delta_b)
         for l in range(self.n_layers - 1, -1, -1):
             a_prev = X if l == 0 else ws.z[l - 1]
-            np.matmul(delta.T, a_prev, out=gW[l])
+            self.products.weight_grad(l, delta, a_prev, gW[l])
             np.matmul(ws.ones, delta, out=gb[l])
             if l > 0:
                 d_prev = ws.view(buffers[l % 2], ws.n, self.sizes[l])
-                np.matmul(delta, self.weights[l], out=d_prev)
+                self.products.backprop(l, delta, self.weights[l], d_prev)
                 scratch = ws.view(ws.scratch, ws.n, self.sizes[l])
                 mask = ws.view(ws.mask, ws.n, self.sizes[l]) if ws.mask is not None else None
                 delta = ops.activation_backward(self.activation, a_prev, d_prev, scratch, mask)

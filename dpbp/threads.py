@@ -8,6 +8,7 @@ which changes the thread count of an already-loaded OpenBLAS/MKL/BLIS.
 from __future__ import annotations
 
 import os
+import sys
 
 
 def node_cores() -> int:
@@ -24,13 +25,19 @@ def auto_threads(local_ranks: int) -> int:
 
 
 def configure_blas_threads(requested: int, local_ranks: int) -> int:
-    """Set the BLAS thread count (``requested``, or automatic when 0); return what is in force."""
+    """Set the BLAS thread count (``requested``, or automatic when 0); return what is in force.
+
+    Also sets PyTorch's intra-op threads when PyTorch is already imported (``model.products``).
+    """
     threads = requested if requested > 0 else auto_threads(local_ranks)
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency
         return threads
     threadpool_limits(limits=threads, user_api="blas")
+    torch = sys.modules.get("torch")  # model.products = torch: PyTorch's own pool obeys the same count
+    if torch is not None:
+        torch.set_num_threads(threads)
     return threads
 
 

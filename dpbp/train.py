@@ -253,7 +253,7 @@ def build_model(cfg: Config, sizes: list[int]) -> MLP:
     m = cfg.model
     memory.check_model(cfg, sizes)  # before allocating: a MemoryError or the OOM killer tells the user nothing
     return MLP(sizes, activation=m.activation, output=m.output, loss=m.loss,
-               init=m.init, dtype=m.dtype, seed=cfg.train.seed)
+               init=m.init, dtype=m.dtype, seed=cfg.train.seed, precision=m.precision, products=m.products)
 
 
 def build_optimizer(cfg: Config, model: MLP) -> Optimizer:

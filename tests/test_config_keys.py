@@ -90,6 +90,8 @@ PROBES = {
     "model.loss": ("mse", (), "params"),
     "model.init": ("normal", (), "params"),
     "model.dtype": ("float32", (), "params"),
+    "model.precision": ("bf16-mixed", ("model.dtype=float32",), "params"),
+    "model.products": ("numpy", ("model.dtype=float32", "model.precision=bf16-mixed"), "refused"),
     "data.train": ("spirals:n=200", (), "params"),
     "data.val": ("spirals:n=50,noise=0.5", (), "history"),
     "data.val_fraction": (0.3, (), "params"),
