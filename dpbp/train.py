@@ -452,7 +452,7 @@ class Trainer:
         x, y = self.data.train.x, self.data.train.y
         self.x_shard = np.empty((shard_rows,) + x.shape[1:], x.dtype)  # DP: my rows of each batch, gathered here
         self.y_shard = np.empty((shard_rows,) + y.shape[1:], y.dtype)
-        self.threads = configure_blas_threads(cfg.train.threads, comm.local_size)
+        self.threads = configure_blas_threads(cfg.train.threads, comm.local_size, self.model.products.name)
 
     # -------------------------------------------------------------- one step
 

@@ -52,7 +52,7 @@ def observe(overrides: list[str], folder: Path, monkeypatch) -> dict:
     """What a short run with ``overrides`` does: everything a key could change, timing left out."""
     comm, syncs, threads, lines = Spy(), [], [], []
     monkeypatch.setattr(train, "check_in_sync", lambda c, p, when: syncs.append(when))
-    monkeypatch.setattr(train, "configure_blas_threads", lambda n, local: threads.append(n) or 1)
+    monkeypatch.setattr(train, "configure_blas_threads", lambda n, local, products="numpy": threads.append(n) or 1)
     run_dir = folder / f"run{len(list(folder.iterdir()))}"
     try:
         given_val = any(o.startswith("data.val=") for o in overrides)  # then val_fraction has no say (refused)

@@ -194,12 +194,20 @@ def test_missing_torch_is_a_missing_extra_error(monkeypatch, bf16_cpu):
 
 
 def test_torch_threads_follow_the_rank_thread_count():
-    before = torch.get_num_threads()
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    before, blas_before = torch.get_num_threads(), max(blas_threads())
     try:
-        assert configure_blas_threads(1, 1) == 1 and torch.get_num_threads() == 1
-        assert configure_blas_threads(2, 1) == 2 and torch.get_num_threads() == 2
+        assert configure_blas_threads(1, 1) == 1 and torch.get_num_threads() == 1 and blas_threads() == {1}
+        assert configure_blas_threads(2, 1) == 2 and torch.get_num_threads() == 2 and blas_threads() == {2}
+        # PyTorch does the products: its pool takes the threads, NumPy's BLAS (bias sums only) keeps one
+        assert configure_blas_threads(2, 1, "torch") == 2 and torch.get_num_threads() == 2 and blas_threads() == {1}
     finally:
         torch.set_num_threads(before)
+        configure_blas_threads(blas_before, 1)
 
 
 def test_bf16_training_keeps_float32_state_and_learns(bf16_cpu):
