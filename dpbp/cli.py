@@ -290,6 +290,10 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
     echo(f"  {comm.size} rank{'s' if comm.size > 1 else ''} x {trainer.threads} BLAS thread"
          f"{'s' if trainer.threads > 1 else ''}, global batch {trainer.batch_size}, "
          f"{trainer.steps_per_epoch} steps/epoch, {cfg.train.optimizer} lr {cfg.train.lr:g}, run dir {path}")
+    from dpbp.products import describe_cpu
+
+    echo(f"  matrix products: {trainer.model.products.describe()}, precision {trainer.model.precision}; "
+         f"CPU: {describe_cpu()}")
     if comm.size > 1:
         echo(f"  gradients: {trainer.exchange.name}")
     extras = [f"dropout {', '.join(f'{r:g}' for r in trainer.model.dropout)}" if any(trainer.model.dropout) else "",
@@ -700,9 +704,10 @@ def config_show(config_file, overrides, doc):
 @main.command(epilog="\b\nExamples:\n  dpbp info\n  mpirun -n 4 dpbp info")
 @collective
 def info(comm):
-    """Versions, the MPI library, the number of ranks and the BLAS threads per rank."""
+    """Versions, the MPI library, the number of ranks, the BLAS threads per rank and the matrix products' library."""
     import numpy as np
 
+    from dpbp.products import describe_cpu
     from dpbp.threads import blas_info, configure_blas_threads
 
     threads = configure_blas_threads(0, comm.local_size)
@@ -721,9 +726,21 @@ def info(comm):
     echo(f"MPI library   {comm.library}")
     echo(f"ranks         {comm.size} ({comm.local_size} on this node)")
     echo(f"BLAS threads  {threads} per rank")
+    echo(f"products      {_products_line()}")
+    echo(f"CPU bf16      {describe_cpu()}")
     echo(f"watchdog      {comm.watchdog_status}")
     for lib in blas_info():
         echo(f"BLAS          {lib['library']} {lib['version']} ({lib['path']})")
+
+
+def _products_line() -> str:
+    """Which library does the matrix products, and whether PyTorch (model.products = torch, bf16-mixed) is there."""
+    from dpbp.products import TORCH_EXTRA, torch_available
+
+    if not torch_available():
+        return f"numpy (model.products = auto); PyTorch not installed ({TORCH_EXTRA} for torch and bf16-mixed)"
+    return (f"numpy for full precision, torch {metadata.version('torch')} for bf16-mixed (model.products = auto); "
+            "torch also on request (model.products = torch)")
 
 
 def entry(args: list[str] | None = None) -> None:

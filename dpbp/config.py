@@ -42,6 +42,7 @@ from dpbp import data as _data
 from dpbp import model as _model
 from dpbp import ops as _ops
 from dpbp import optim as _optim
+from dpbp import products as _products
 from dpbp.errors import ConfigError
 
 try:
@@ -148,6 +149,23 @@ class ModelConfig:
             "batch normalization of every hidden layer's pre-activation over the global batch (statistics "
             "summed across ranks in float64), with a learned scale and shift; evaluation uses running "
             "statistics (momentum 0.1), saved with checkpoints and models"
+        ),
+    )
+    precision: str = field(
+        default="full",
+        metadata=_meta(
+            "precision of the matrix products: full (in model.dtype) or bf16-mixed (model.dtype float32: "
+            "bfloat16 inputs with float32 accumulation; weights, gradients, exchange, loss and update stay "
+            "float32; needs PyTorch and a CPU with AVX-512 BF16 or AMX)",
+            choices=_products.PRECISIONS,
+        ),
+    )
+    products: str = field(
+        default="auto",
+        metadata=_meta(
+            "library for the matrix products: numpy (NumPy's BLAS), torch (PyTorch's CPU matmul on the same "
+            "buffers; pip install 'dpbp[torch]'), auto (torch for bf16-mixed, numpy otherwise)",
+            choices=_products.PRODUCTS,
         ),
     )
 
@@ -539,6 +557,18 @@ def _check_dropout_rates(cfg: Config) -> str | None:
             "give one rate for all, or one per hidden layer")
 
 
+def _check_precision(cfg: Config) -> str | None:
+    if cfg.model.precision != "bf16-mixed" or cfg.model.dtype == "float32":
+        return None
+    return f"bf16-mixed keeps float32 master weights: it needs model.dtype = float32, not {cfg.model.dtype}"
+
+
+def _check_products(cfg: Config) -> str | None:
+    if cfg.model.precision != "bf16-mixed" or cfg.model.products != "numpy":
+        return None
+    return "numpy has no bfloat16 matrix product: bf16-mixed needs model.products = torch or auto"
+
+
 def _check_restore_best(cfg: Config) -> str | None:
     if not cfg.checkpoint.restore_best or cfg.checkpoint.keep_best:
         return None
@@ -602,6 +632,8 @@ _CROSS_CHECKS: tuple[tuple[str, str, Callable[[Config], str | None]], ...] = (
         _check_target_scaling,
     ),
     ("model.dropout", "a list needs one rate per hidden layer", _check_dropout_rates),
+    ("model.precision", "`bf16-mixed` needs `model.dtype = float32`", _check_precision),
+    ("model.products", "`numpy` cannot do `model.precision = bf16-mixed`", _check_products),
     ("train.min_lr", "must be < `train.lr`", _check_min_lr),
     ("train.schedule", "`plateau` needs validation data (`data.val`, or `data.val_fraction` > 0)",
      _check_plateau_validation),

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dpbp import ops
+from dpbp.products import make_products
 
 INITS = ("auto", "he", "xavier", "normal")
 BN_EPS = 1e-5  # batch norm: added to the variance (torch.nn.BatchNorm1d's default)
@@ -138,6 +139,12 @@ class MLP:
         init: ``auto`` (He for relu/leaky_relu layers, Xavier/Glorot uniform otherwise),
             ``he``, ``xavier`` or ``normal`` (N(0, 0.1^2)). Biases start at zero.
         dtype: ``float32`` (default) or ``float64``; every buffer has this dtype.
+        precision: ``full`` (default: the matrix products in ``dtype``) or ``bf16-mixed`` (float32
+            only: the products' inputs in bfloat16, float32 accumulation; see ``dpbp.products``).
+        products: which library computes the matrix products: ``auto`` (torch for bf16-mixed,
+            else numpy), ``numpy`` or ``torch`` (the optional PyTorch extra). Raises ValueError for
+            an impossible pair, ``MissingExtraError`` without PyTorch, ``UnsupportedCPUError`` for
+            bf16-mixed on a CPU without AVX-512 BF16 or AMX.
         seed: weights come from ``np.random.default_rng(seed)`` in float64, then cast,
             so the same seed gives the same weights on every machine and rank; dropout masks
             are drawn from it too (``dropout_mask``).
@@ -163,6 +170,8 @@ class MLP:
         seed: int = 0,
         dropout: float | Sequence[float] = 0.0,
         batch_norm: bool = False,
+        precision: str = "full",
+        products: str = "auto",
     ):
         self.sizes = _check_sizes(sizes)
         if activation not in ops.HIDDEN_ACTIVATIONS:
@@ -178,6 +187,8 @@ class MLP:
         self.activation, self.output, self.loss, self.init = activation, output, loss, init
         self.dtype = np.dtype(dtype)
         self.seed = int(seed)
+        self.products = make_products(products, precision, self.dtype)  # the library for the matrix products
+        self.precision = precision
         self.n_layers = len(self.sizes) - 1
         hidden = self.sizes[1:-1]
         self.dropout = _check_dropout(dropout, len(hidden))
@@ -341,7 +352,7 @@ class MLP:
         last = self.n_layers - 1
         for l, (W, b) in enumerate(zip(self.weights, self.biases)):
             z = ws.z[l]
-            np.matmul(a, W.T, out=z)
+            self.products.forward(l, a, W, z)
             z += b
             if l < last:
                 scratch = ws.view(ws.scratch, ws.n, z.shape[1])
@@ -478,7 +489,7 @@ class MLP:
         buffers = (ws.delta_a, ws.delta_b)
         for l in range(self.n_layers - 1, -1, -1):
             a_prev = X if l == 0 else self._layer_output(l - 1, ws, context)
-            np.matmul(delta.T, a_prev, out=gW[l])
+            self.products.weight_grad(l, delta, a_prev, gW[l])
             if self.batch_norm and l < self.n_layers - 1:
                 gb[l].fill(0.0)  # the batch mean removes b: its gradient is exactly 0 (sums would give rounding)
             else:
@@ -486,7 +497,7 @@ class MLP:
             if l > 0:
                 h, width = l - 1, self.sizes[l]
                 d_prev = ws.view(buffers[l % 2], ws.n, width)
-                np.matmul(delta, self.weights[l], out=d_prev)
+                self.products.backprop(l, delta, self.weights[l], d_prev)
                 if context is not None and self.dropout[h] > 0:
                     d_prev *= ws.keep[h]
                 scratch = ws.view(ws.scratch, ws.n, width)

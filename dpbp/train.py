@@ -253,7 +253,8 @@ def build_model(cfg: Config, sizes: list[int]) -> MLP:
     m = cfg.model
     memory.check_model(cfg, sizes)  # before allocating: a MemoryError or the OOM killer tells the user nothing
     return MLP(sizes, activation=m.activation, output=m.output, loss=m.loss,
-               init=m.init, dtype=m.dtype, seed=cfg.train.seed, dropout=m.dropout, batch_norm=m.batch_norm)
+               init=m.init, dtype=m.dtype, seed=cfg.train.seed, dropout=m.dropout, batch_norm=m.batch_norm,
+               precision=m.precision, products=m.products)
 
 
 def build_optimizer(cfg: Config, model: MLP) -> Optimizer:
@@ -460,7 +461,7 @@ class Trainer:
         x, y = self.data.train.x, self.data.train.y
         self.x_shard = np.empty((shard_rows,) + x.shape[1:], x.dtype)  # DP: my rows of each batch, gathered here
         self.y_shard = np.empty((shard_rows,) + y.shape[1:], y.dtype)
-        self.threads = configure_blas_threads(cfg.train.threads, comm.local_size)
+        self.threads = configure_blas_threads(cfg.train.threads, comm.local_size, self.model.products.name)
 
     # -------------------------------------------------------------- one step
 

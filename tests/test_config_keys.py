@@ -52,7 +52,7 @@ def observe(overrides: list[str], folder: Path, monkeypatch) -> dict:
     """What a short run with ``overrides`` does: everything a key could change, timing left out."""
     comm, syncs, threads, lines = Spy(), [], [], []
     monkeypatch.setattr(train, "check_in_sync", lambda c, p, when: syncs.append(when))
-    monkeypatch.setattr(train, "configure_blas_threads", lambda n, local: threads.append(n) or 1)
+    monkeypatch.setattr(train, "configure_blas_threads", lambda n, local, products="numpy": threads.append(n) or 1)
     run_dir = folder / f"run{len(list(folder.iterdir()))}"
     try:
         given_val = any(o.startswith("data.val=") for o in overrides)  # then val_fraction has no say (refused)
@@ -92,6 +92,8 @@ PROBES = {
     "model.dtype": ("float32", (), "params"),
     "model.dropout": (0.5, (), "params"),
     "model.batch_norm": ("true", (), "params"),
+    "model.precision": ("bf16-mixed", ("model.dtype=float32",), "params"),
+    "model.products": ("numpy", ("model.dtype=float32", "model.precision=bf16-mixed"), "refused"),
     "data.train": ("spirals:n=200", (), "params"),
     "data.val": ("spirals:n=50,noise=0.5", (), "history"),
     "data.val_fraction": (0.3, (), "params"),

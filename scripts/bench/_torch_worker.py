@@ -2,10 +2,13 @@
 
     python scripts/bench/_torch_worker.py --ranks 2 --threads 1 --optimizer adam   # DDP, gloo
     python scripts/bench/_torch_worker.py --ranks 1 --threads 2 --optimizer sgd    # one process
+    python scripts/bench/_torch_worker.py --ranks 1 --threads 2 --precision bf16   # bf16 autocast
 
 Same model (Linear/ReLU stack, softmax cross-entropy), float32, the same synthetic data
 (dpbp's ``highdim`` generator), the same global batch split into the same contiguous rank
-shards, ``torch.optim.SGD``/``Adam`` with default settings. With ``--ranks K > 1`` K processes
+shards, ``torch.optim.SGD``/``Adam`` with default settings. ``--precision bf16`` runs the forward
+pass (and so the backward) under ``torch.autocast("cpu", dtype=torch.bfloat16)``: PyTorch's own
+mixed precision (bf16 products, float32 weights, optimizer and loss). With ``--ranks K > 1`` K processes
 are spawned (torch.multiprocessing) and wrapped in DistributedDataParallel over gloo. Each
 step is timed from a barrier to its end on every rank; a step takes as long as its slowest
 rank; rank 0 prints ``RESULT {json}`` with the median.
@@ -71,7 +74,9 @@ def run(rank: int, world: int, args: argparse.Namespace, init_file: str) -> None
         idx = order[lo + r0 : lo + r1]
         xb, yb = x.index_select(0, idx), y.index_select(0, idx)
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xb), yb)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            logits = model(xb)
+        loss = loss_fn(logits.float(), yb)
         loss.backward()
         opt.step()
         if i >= args.warmup:
@@ -87,7 +92,8 @@ def run(rank: int, world: int, args: argparse.Namespace, init_file: str) -> None
     if rank == 0:
         result = {"ranks": world, "threads": torch.get_num_threads(), "torch": torch.__version__,
                   "model": args.model, "global_batch": args.batch, "optimizer": args.optimizer,
-                  "steps": args.steps, "step_ms": step_s * 1e3, "samples_per_s": args.batch / step_s,
+                  "steps": args.steps, "precision": args.precision, "step_ms": step_s * 1e3,
+                  "samples_per_s": args.batch / step_s,
                   "step_ms_min": float(per_step.min()) * 1e3, "ddp": world > 1}
         print("RESULT " + json.dumps(result), flush=True)
 
@@ -97,6 +103,8 @@ def main() -> None:
     p.add_argument("--model", default=REFERENCE_MODEL)
     p.add_argument("--batch", type=int, default=512, help="GLOBAL batch size")
     p.add_argument("--optimizer", default="adam", choices=("sgd", "adam"))
+    p.add_argument("--precision", default="float32", choices=("float32", "bf16"),
+                   help="float32, or bf16 autocast (mixed precision)")
     p.add_argument("--ranks", type=int, default=1, help="processes; > 1 means DDP over gloo")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process")
     p.add_argument("--steps", type=int, default=20)

@@ -1,0 +1,269 @@
+"""Who computes a step's matrix products: NumPy's BLAS, or PyTorch's CPU kernels (float32 or bf16-mixed).
+
+The three products of layer l (rows are samples, ``n`` rows):
+
+* forward   ``Z = A_prev W^T``       ``(n, out)``
+* weights   ``dW = delta^T A_prev``  ``(out, in)``
+* backprop  ``delta_prev = delta W`` ``(n, in)``
+
+Every backend writes into the caller's buffers in the model's dtype, so the flat parameter and
+gradient vectors, the exchange and the optimizer never see another dtype. Bias sums stay in the
+model (NumPy, model dtype) whatever the backend.
+
+``bf16-mixed`` (PyTorch Lightning's name): the inputs of the three products are rounded to
+bfloat16 (8 significant bits), each product accumulates in float32 inside the kernel (oneDNN or
+MKL) and its result is rounded to bfloat16 once, then written into the float32 buffer; the weights,
+gradients, loss, softmax, activations and update stay float32. Each layer's weights are cast once
+per forward pass (one step), its input once in the forward pass (reused by ``dW``), and ``delta``
+once per layer (used by ``dW`` and by ``delta_prev``).
+
+PyTorch is an optional extra (``pip install 'dpbp[torch]'``); it is imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from dpbp.errors import DpbpError, MissingExtraError
+
+PRECISIONS = ("full", "bf16-mixed")
+PRODUCTS = ("auto", "numpy", "torch")
+CPUINFO = Path("/proc/cpuinfo")
+# Either CPU feature gives bf16 products at speed: AVX-512 BF16 (vdpbf16ps) or the AMX tile unit.
+BF16_FEATURES = ("avx512_bf16", "amx_bf16")
+TORCH_EXTRA = "pip install 'dpbp[torch]'"
+
+
+class UnsupportedCPUError(DpbpError):
+    """The CPU lacks an instruction set the configured precision needs (an environment failure)."""
+
+    exit_code = 1
+
+
+def cpu_flags(path: Path | None = None) -> set[str] | None:
+    """The CPU feature flags of /proc/cpuinfo (``path``), or None where they cannot be read."""
+    try:
+        text = (path or CPUINFO).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
+def bf16_support(flags: set[str] | None = None) -> dict[str, bool | None]:
+    """``{"avx512_bf16": ..., "amx_bf16": ...}``: True/False, None where the flags are unknown."""
+    flags = cpu_flags() if flags is None else flags
+    return {f: (None if flags is None else f in flags) for f in BF16_FEATURES}
+
+
+def describe_cpu() -> str:
+    """One line for ``dpbp info`` and the start-up header: AMX / AVX-512 BF16 present or not."""
+    have = bf16_support()
+    if all(v is None for v in have.values()):
+        return "AMX / AVX-512 BF16 unknown (no /proc/cpuinfo flags)"
+    return f"AMX {'yes' if have['amx_bf16'] else 'no'}, AVX-512 BF16 {'yes' if have['avx512_bf16'] else 'no'}"
+
+
+def check_bf16_cpu() -> None:
+    """Raise UnsupportedCPUError unless this CPU has AVX-512 BF16 or AMX (bf16 products at speed)."""
+    have = bf16_support()
+    if any(have.values()):
+        return
+    why = ("its flags could not be read from /proc/cpuinfo" if all(v is None for v in have.values())
+           else "neither avx512_bf16 nor amx_bf16 is in /proc/cpuinfo")
+    raise UnsupportedCPUError(
+        f"model.precision = bf16-mixed needs a CPU with the avx512_bf16 (AVX-512 BF16) or amx_bf16 (AMX) feature; "
+        f"{why}: use model.precision = full")
+
+
+def torch_available() -> bool:
+    """Is PyTorch installed (without importing it)?"""
+    return importlib.util.find_spec("torch") is not None
+
+
+def _import_torch(why: str):
+    try:
+        import torch
+    except ImportError:
+        raise MissingExtraError(f"{why} needs PyTorch, which is not installed: {TORCH_EXTRA}") from None
+    return torch
+
+
+def resolve(products: str, precision: str, dtype: np.dtype) -> str:
+    """The backend ``auto`` means: torch for bf16-mixed, numpy otherwise (bit-exact across rank counts)."""
+    if products not in PRODUCTS:
+        raise ValueError(f"unknown products {products!r}; expected one of {', '.join(PRODUCTS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "bf16-mixed":
+        if np.dtype(dtype) != np.float32:
+            raise ValueError("precision bf16-mixed keeps float32 master weights: it needs dtype float32")
+        if products == "numpy":
+            raise ValueError("precision bf16-mixed needs products torch (NumPy has no bfloat16 matrix product)")
+        return "torch"
+    return "numpy" if products == "auto" else products
+
+
+def make_products(products: str = "auto", precision: str = "full", dtype: np.dtype | str = "float32"):
+    """The backend object for the chosen library and precision.
+
+    Raises ValueError for an impossible combination, MissingExtraError when PyTorch is needed and
+    missing, UnsupportedCPUError for bf16-mixed on a CPU without AVX-512 BF16 or AMX.
+    """
+    name = resolve(products, precision, np.dtype(dtype))
+    if name == "numpy":
+        return NumpyProducts()
+    if precision == "bf16-mixed":
+        torch = _import_torch("model.precision = bf16-mixed")
+        check_bf16_cpu()
+        return TorchBF16Products(torch)
+    return TorchProducts(_import_torch("model.products = torch"))
+
+
+class NumpyProducts:
+    """The products through ``np.matmul(..., out=)``: NumPy's BLAS (OpenBLAS), in the model's dtype."""
+
+    name = "numpy"
+    precision = "full"
+
+    def describe(self) -> str:
+        return "NumPy BLAS, model dtype"
+
+    def forward(self, l: int, a: np.ndarray, W: np.ndarray, out: np.ndarray) -> None:
+        """out (n, out) = a (n, in) @ W.T; W is (out, in)."""
+        np.matmul(a, W.T, out=out)
+
+    def weight_grad(self, l: int, delta: np.ndarray, a_prev: np.ndarray, out: np.ndarray) -> None:
+        """out (out, in) = delta.T @ a_prev, the sum over the rows of the per-sample gradients."""
+        np.matmul(delta.T, a_prev, out=out)
+
+    def backprop(self, l: int, delta: np.ndarray, W: np.ndarray, out: np.ndarray) -> None:
+        """out (n, in) = delta (n, out) @ W (out, in)."""
+        np.matmul(delta, W, out=out)
+
+
+def _view(torch, a: np.ndarray):
+    """A zero-copy tensor over ``a`` (read-only arrays, e.g. memory-mapped data, are only read)."""
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable tensor": we never write through it
+        return torch.from_numpy(a)
+
+
+class TorchProducts:
+    """The products through ``torch.matmul(..., out=)`` on zero-copy views (``torch.from_numpy``), model dtype.
+
+    PyTorch's CPU matmul uses its bundled MKL/oneDNN with its own threads: ``dpbp.threads``
+    sets them to the per-rank BLAS thread count.
+    """
+
+    name = "torch"
+    precision = "full"
+
+    def __init__(self, torch):
+        self.torch = torch
+
+    def describe(self) -> str:
+        return f"PyTorch {self.torch.__version__} (MKL/oneDNN), model dtype"
+
+    def forward(self, l, a, W, out):
+        t = self.torch
+        t.matmul(_view(t, a), _view(t, W).T, out=t.from_numpy(out))
+
+    def weight_grad(self, l, delta, a_prev, out):
+        t = self.torch
+        t.matmul(t.from_numpy(delta).T, _view(t, a_prev), out=t.from_numpy(out))
+
+    def backprop(self, l, delta, W, out):
+        t = self.torch
+        t.matmul(t.from_numpy(delta), _view(t, W), out=t.from_numpy(out))
+
+
+def _key(a: np.ndarray) -> tuple[int, tuple[int, ...]]:
+    """Where an array's data is and its shape: recognises the same buffer passed again."""
+    return a.__array_interface__["data"][0], a.shape
+
+
+class TorchBF16Products(TorchProducts):
+    """bf16-mixed: bfloat16 inputs, float32 accumulation, one bfloat16 rounding of each result.
+
+    Call order within one forward+backprop over the same rows (the model's): ``forward(l)`` for
+    every layer, then per layer ``weight_grad(l)`` and ``backprop(l)``. ``forward(l)`` casts W and
+    the layer's input; ``weight_grad(l)`` reuses that input copy and casts delta; ``backprop(l)``
+    reuses delta's and W's copies. A buffer that is not the one cast before is cast again, so a
+    call out of that order is slower, never wrong, as long as the arrays were not written to
+    in between (the model never does).
+    """
+
+    precision = "bf16-mixed"
+    MAX_BUFFERS = 64  # bf16 scratch tensors kept, by shape (a handful of shard shapes occur)
+
+    def __init__(self, torch):
+        super().__init__(torch)
+        self._buffers: dict[tuple, object] = {}
+        self._w16: dict[int, tuple] = {}  # layer -> (key of W, bf16 copy)
+        self._a16: dict[int, tuple] = {}  # layer -> (key of the input, bf16 copy)
+        self._d16: tuple | None = None  # (layer, key of delta, bf16 copy)
+
+    def describe(self) -> str:
+        return f"PyTorch {self.torch.__version__} (oneDNN/MKL), bf16 inputs with float32 accumulation"
+
+    def _buffer(self, role: str, l: int, shape: tuple[int, ...]):
+        key = (role, l, shape)
+        buf = self._buffers.get(key)
+        if buf is None:
+            if len(self._buffers) >= self.MAX_BUFFERS:
+                self._buffers.clear()
+                self._w16.clear()
+                self._a16.clear()
+                self._d16 = None
+            buf = self._buffers[key] = self.torch.empty(shape, dtype=self.torch.bfloat16)
+        return buf
+
+    def _cast(self, role: str, l: int, a: np.ndarray):
+        """A bf16 copy of ``a`` (round to nearest even) in a kept buffer."""
+        buf = self._buffer(role, l, a.shape)
+        buf.copy_(_view(self.torch, a))
+        return buf
+
+    def _weights(self, l: int, W: np.ndarray, *, fresh: bool):
+        got = self._w16.get(l)
+        if fresh or got is None or got[0] != _key(W):
+            got = self._w16[l] = (_key(W), self._cast("W", l, W))
+        return got[1]
+
+    def forward(self, l, a, W, out):
+        t = self.torch
+        w16 = self._weights(l, W, fresh=True)  # once per forward pass: the weights changed since the last step
+        a16 = self._cast("A", l, a)
+        self._a16[l] = (_key(a), a16)
+        z16 = self._buffer("Z", l, out.shape)
+        t.matmul(a16, w16.T, out=z16)
+        t.from_numpy(out).copy_(z16)
+
+    def weight_grad(self, l, delta, a_prev, out):
+        t = self.torch
+        got = self._a16.get(l)
+        a16 = got[1] if got is not None and got[0] == _key(a_prev) else self._cast("A", l, a_prev)
+        d16 = self._cast("D", l, delta)
+        self._d16 = (l, _key(delta), d16)
+        g16 = self._buffer("G", l, out.shape)
+        t.matmul(d16.T, a16, out=g16)
+        t.from_numpy(out).copy_(g16)
+
+    def backprop(self, l, delta, W, out):
+        t = self.torch
+        got = self._d16
+        d16 = got[2] if got is not None and got[:2] == (l, _key(delta)) else self._cast("D", l, delta)
+        w16 = self._weights(l, W, fresh=False)
+        p16 = self._buffer("P", l, out.shape)
+        t.matmul(d16, w16, out=p16)
+        t.from_numpy(out).copy_(p16)
