@@ -642,7 +642,8 @@ Examples:
 """)
 @config_option
 @set_option
-@click.option("--rows", default=16, show_default=True, help="Training rows in the checked batch.")
+@click.option("--rows", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Training rows in the checked batch (at least 3 with batch norm).")
 @click.option("--samples", default=40, show_default=True,
               help="Entries checked per layer (all if the layer is smaller).")
 @click.option("--tolerance", default=1e-6, show_default=True, help="Largest relative error accepted.")
@@ -657,6 +658,10 @@ def gradcheck(config_file, overrides, rows, samples, tolerance):
     data = prepare_data(cfg)
     model = as_float64(build_model(cfg, data.sizes))
     x, y = data.train.x[:rows], data.train.y[:rows]
+    if model.batch_norm and x.shape[0] < 3:
+        # One row has no batch variance; over two, each normalised value is +-1 whatever the weights, so
+        # the loss hardly depends on them and finite differences measure rounding, not the gradient.
+        raise click.UsageError(f"batch norm needs at least 3 rows to check, got {x.shape[0]} (--rows)")
     extras = "".join(f", {e}" for e, on in (("batch norm over these rows", model.batch_norm),
                                              ("one fixed dropout mask", any(model.dropout))) if on)
     click.echo(f"checking {model.sizes} {model.activation}/{model.output}/{model.loss} on {x.shape[0]} rows "

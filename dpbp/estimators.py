@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import re
 import warnings
 from pathlib import Path
 
@@ -119,8 +120,17 @@ def _as_input_errors():
         raise
     except DpbpError as exc:
         if exc.exit_code == 2 and not isinstance(exc, TrainingError):
-            raise InputError(str(exc)) from None
+            raise InputError(_in_parameters(str(exc))) from None
         raise
+
+
+def _in_parameters(message: str) -> str:
+    """``message`` with each config key an estimator parameter sets replaced by that parameter's name
+    (``change train.batch_size`` -> ``change batch_size``): the user of an estimator cannot set the key."""
+    for key in sorted(OWNED, key=len, reverse=True):
+        if OWNED[key].isidentifier():
+            message = re.sub(rf"(?<![\w.]){re.escape(key)}(?![\w])", OWNED[key], message)
+    return message
 
 
 def _json_label(value):

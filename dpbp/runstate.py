@@ -72,8 +72,12 @@ def _flatten(d: dict) -> dict:
 
 
 def frozen_changes(saved: dict, cfg: Config) -> list[str]:
-    """The keys of ``FROZEN_ON_RESUME`` whose value in ``cfg`` differs from the ``saved`` config (a dict)."""
-    before = _flatten(saved)
+    """The keys of ``FROZEN_ON_RESUME`` whose value in ``cfg`` differs from the ``saved`` config (a dict).
+
+    A key the saved config lacks (written by a dpbp that did not have it yet, e.g. model.dropout)
+    counts as its default, which is what that dpbp did.
+    """
+    before = {**_flatten(config_mod.to_dict(Config())), **_flatten(saved)}
     return [k for k, v in _flatten(config_mod.to_dict(cfg)).items()
             if k.startswith(FROZEN_ON_RESUME) and before.get(k) != v]
 

@@ -190,6 +190,19 @@ def test_resume_refuses_another_model_or_data_order(saved_run, override, match):
     assert info.value.exit_code == 2
 
 
+def test_a_key_newer_than_the_checkpoint_counts_as_its_default():
+    """A config saved before model.dropout/model.batch_norm existed resumes under the same settings."""
+    from dpbp import config as config_mod
+    from dpbp.runstate import frozen_changes
+
+    cfg = small_config("train.epochs=3")
+    older = config_mod.to_dict(cfg)
+    for key in ("dropout", "batch_norm", "precision", "products"):
+        del older["model"][key]
+    assert frozen_changes(older, cfg) == []
+    assert frozen_changes(older, small_config("train.epochs=3", "model.dropout=0.2")) == ["model.dropout"]
+
+
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
     cfg = small_config("checkpoint.every_steps=1", "train.epochs=5", "checkpoint.keep=1000")
     t = trainer(cfg, tmp_path)

@@ -65,6 +65,15 @@ def test_gradcheck_command_reports_every_layer():
     assert result.output.splitlines()[-1].startswith("ok: worst relative error")
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_gradcheck_refuses_batch_norm_over_fewer_than_three_rows(rows):
+    # one row: no batch variance (it raised a traceback); two: normalised values are +-1 whatever the weights
+    result = CliRunner().invoke(main, ["gradcheck", "--set", "model.batch_norm=true", "--rows", str(rows)])
+    assert result.exit_code == 2, result.output
+    assert f"batch norm needs at least 3 rows to check, got {rows}" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_plot_never_writes_through_a_link_in_the_run_directory(deep_run, tmp_path):
     target = tmp_path / "precious.png"
     target.write_bytes(b"mine")

@@ -211,3 +211,11 @@ def test_estimators_without_scikit_learn_name_the_extra(monkeypatch):
         importlib.import_module("dpbp.estimators")
     monkeypatch.undo()
     assert importlib.import_module("dpbp.estimators").MLPClassifier is MLPClassifier
+
+
+def test_a_refusal_names_the_parameter_not_the_config_key():
+    X = np.random.default_rng(0).standard_normal((201, 4))
+    y = (X[:, 0] > 0).astype(int)
+    est = MLPClassifier(hidden_layer_sizes=(8,), max_iter=2, config={"model.batch_norm": True})
+    with pytest.raises(ValueError, match=r"leave a batch of 1; change batch_size$"):
+        est.fit(X, y)  # batch_size="auto" is 200: 201 rows leave a last batch of one row
