@@ -287,7 +287,8 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
     widths = "model.layers" if m.layers else f"{d.sizes[0]} features, model.hidden {list(m.hidden)}, " \
         f"{d.sizes[-1]} output{'s' if d.sizes[-1] > 1 else ''}"
     echo(f"  {d.targets.describe()}; layers from {widths}")
-    echo(f"  {comm.size} rank{'s' if comm.size > 1 else ''} x {trainer.threads} BLAS thread"
+    pool = "BLAS" if trainer.model.products.name == "numpy" else "PyTorch"  # who runs the products' threads
+    echo(f"  {comm.size} rank{'s' if comm.size > 1 else ''} x {trainer.threads} {pool} thread"
          f"{'s' if trainer.threads > 1 else ''}, global batch {trainer.batch_size}, "
          f"{trainer.steps_per_epoch} steps/epoch, {cfg.train.optimizer} lr {cfg.train.lr:g}, run dir {path}")
     from dpbp.products import describe_cpu
@@ -650,11 +651,17 @@ Examples:
 @one_process
 def gradcheck(config_file, overrides, rows, samples, tolerance):
     """Verify the configured model's backprop against finite differences, per layer (float64)."""
+    from dpbp import config as config_mod
     from dpbp.config import load_config
     from dpbp.gradcheck import as_float64, check_gradients
     from dpbp.train import build_model, prepare_data
 
     cfg = load_config(config_file, overrides)
+    if cfg.model.precision != "full" or cfg.model.products != "auto":
+        # The check is of backprop itself, in float64: bf16-mixed products are bounded in tests/test_products.py.
+        click.echo(f"note: gradcheck runs in float64 with NumPy's products (model.precision = {cfg.model.precision}, "
+                   f"model.products = {cfg.model.products} apply to training)")
+        cfg = config_mod.replace(cfg, **{"model.precision": "full", "model.products": "auto"})
     data = prepare_data(cfg)
     model = as_float64(build_model(cfg, data.sizes))
     x, y = data.train.x[:rows], data.train.y[:rows]

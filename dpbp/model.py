@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dpbp import ops
-from dpbp.products import make_products
+from dpbp.products import NumpyProducts, make_products
 
 INITS = ("auto", "he", "xavier", "normal")
 BN_EPS = 1e-5  # batch norm: added to the variance (torch.nn.BatchNorm1d's default)
@@ -140,7 +140,9 @@ class MLP:
             ``he``, ``xavier`` or ``normal`` (N(0, 0.1^2)). Biases start at zero.
         dtype: ``float32`` (default) or ``float64``; every buffer has this dtype.
         precision: ``full`` (default: the matrix products in ``dtype``) or ``bf16-mixed`` (float32
-            only: the products' inputs in bfloat16, float32 accumulation; see ``dpbp.products``).
+            only: the training passes' products take bfloat16 inputs with float32 accumulation; see
+            ``dpbp.products``). Evaluation (``predict``, ``evaluate_sum``, ``forward`` without a
+            context) always runs in full precision with NumPy, as a reloaded model does.
         products: which library computes the matrix products: ``auto`` (torch for bf16-mixed,
             else numpy), ``numpy`` or ``torch`` (the optional PyTorch extra). Raises ValueError for
             an impossible pair, ``MissingExtraError`` without PyTorch, ``UnsupportedCPUError`` for
@@ -188,6 +190,9 @@ class MLP:
         self.dtype = np.dtype(dtype)
         self.seed = int(seed)
         self.products = make_products(products, precision, self.dtype)  # the library for the matrix products
+        # Evaluation (predict, evaluate, validation) runs in full precision: bf16-mixed is a training
+        # speed-up, and a saved model must give the same reports wherever it is evaluated.
+        self._eval_products = NumpyProducts() if self.products.precision != "full" else self.products
         self.precision = precision
         self.n_layers = len(self.sizes) - 1
         hidden = self.sizes[1:-1]
@@ -352,7 +357,7 @@ class MLP:
         last = self.n_layers - 1
         for l, (W, b) in enumerate(zip(self.weights, self.biases)):
             z = ws.z[l]
-            self.products.forward(l, a, W, z)
+            (self.products if context is not None else self._eval_products).forward(l, a, W, z)
             z += b
             if l < last:
                 scratch = ws.view(ws.scratch, ws.n, z.shape[1])

@@ -34,7 +34,9 @@ PRODUCTS = ("auto", "numpy", "torch")
 CPUINFO = Path("/proc/cpuinfo")
 # Either CPU feature gives bf16 products at speed: AVX-512 BF16 (vdpbf16ps) or the AMX tile unit.
 BF16_FEATURES = ("avx512_bf16", "amx_bf16")
-TORCH_EXTRA = "pip install 'dpbp[torch]'"
+# PyPI's default torch wheel for Linux x86_64 is a CUDA build of several GB; the CPU build is on PyTorch's index.
+TORCH_EXTRA = ("pip install 'dpbp[torch]' (the CPU-only PyTorch, ~200 MB instead of a multi-GB CUDA build: "
+               "pip install torch --index-url https://download.pytorch.org/whl/cpu first)")
 
 
 class UnsupportedCPUError(DpbpError):
@@ -204,7 +206,9 @@ class TorchBF16Products(TorchProducts):
     """
 
     precision = "bf16-mixed"
-    MAX_BUFFERS = 64  # bf16 scratch tensors kept, by shape (a handful of shard shapes occur)
+    # bf16 scratch tensors kept per layer, by role (W, A, Z, G, D, P) and shape: a step's shard and an
+    # epoch's shorter last batch need 12; a run that keeps meeting new shapes starts over past this.
+    BUFFERS_PER_LAYER = 24
 
     def __init__(self, torch):
         super().__init__(torch)
@@ -212,6 +216,7 @@ class TorchBF16Products(TorchProducts):
         self._w16: dict[int, tuple] = {}  # layer -> (key of W, bf16 copy)
         self._a16: dict[int, tuple] = {}  # layer -> (key of the input, bf16 copy)
         self._d16: tuple | None = None  # (layer, key of delta, bf16 copy)
+        self._layers = 1  # layers seen so far: the cache's bound grows with the network's depth
 
     def describe(self) -> str:
         return f"PyTorch {self.torch.__version__} (oneDNN/MKL), bf16 inputs with float32 accumulation"
@@ -220,7 +225,8 @@ class TorchBF16Products(TorchProducts):
         key = (role, l, shape)
         buf = self._buffers.get(key)
         if buf is None:
-            if len(self._buffers) >= self.MAX_BUFFERS:
+            self._layers = max(self._layers, l + 1)
+            if len(self._buffers) >= self.BUFFERS_PER_LAYER * self._layers:
                 self._buffers.clear()
                 self._w16.clear()
                 self._a16.clear()

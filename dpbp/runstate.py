@@ -26,6 +26,9 @@ from dpbp.optim import Plateau
 from dpbp.targets import Targets
 
 # Changing these between a checkpoint and its resume would change the data order or the model.
+# How the products are computed does not change the model, its state or the data order: a run may
+# continue in another precision or library (the step's rounding changes from there on).
+RESUMABLE = ("model.precision", "model.products")
 FROZEN_ON_RESUME = ("model.", "data.train", "data.val", "data.val_fraction", "data.normalize",
                     "data.label_column", "data.header", "train.batch_size", "train.seed", "train.shuffle",
                     "train.optimizer")
@@ -79,7 +82,7 @@ def frozen_changes(saved: dict, cfg: Config) -> list[str]:
     """
     before = {**_flatten(config_mod.to_dict(Config())), **_flatten(saved)}
     return [k for k, v in _flatten(config_mod.to_dict(cfg)).items()
-            if k.startswith(FROZEN_ON_RESUME) and before.get(k) != v]
+            if k.startswith(FROZEN_ON_RESUME) and k not in RESUMABLE and before.get(k) != v]
 
 
 def payload(trainer) -> tuple[dict[str, np.ndarray], dict]:

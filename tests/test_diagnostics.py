@@ -85,3 +85,9 @@ def test_plot_never_writes_through_a_link_in_the_run_directory(deep_run, tmp_pat
         assert target.read_bytes() == b"mine"
     finally:
         link.unlink()
+
+
+def test_gradcheck_of_a_bf16_mixed_config_says_what_it_checks():
+    result = CliRunner().invoke(main, ["gradcheck", "--set", "model.precision=bf16-mixed", "--samples", "5"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("note: gradcheck runs in float64 with NumPy's products")

@@ -16,6 +16,7 @@ final rounding left):
 
 from __future__ import annotations
 
+import re
 import sys
 
 import numpy as np
@@ -230,7 +231,62 @@ def test_header_and_info_name_the_library_and_the_cpu(tmp_path, bf16_cpu):
     assert result.exit_code == 0, result.output
     line = next(x for x in result.output.splitlines() if "matrix products" in x)
     assert "PyTorch" in line and "bf16" in line and "AVX-512 BF16 yes" in line and "AMX no" in line, line
+    assert re.search(r"1 rank x \d+ PyTorch threads?,", result.output), result.output  # not "BLAS threads"
     result = invoke("info")
     lines = {x.split("  ")[0]: x for x in result.output.splitlines()}
     assert "torch" in lines["products"] and "numpy" in lines["products"], result.output
     assert "AVX-512 BF16 yes" in lines["CPU bf16"]
+
+
+def test_a_bf16_model_evaluates_in_full_precision_like_its_saved_copy(tmp_path, bf16_cpu):
+    """Validation during training, predict and `dpbp evaluate` on the saved model give the same numbers."""
+    import json
+
+    from dpbp.checkpoint import load_model
+
+    run = tmp_path / "run"
+    result = invoke("train", "--set", "data.train=spirals:n=600", "--set", "model.layers=[2,16,16,3]",
+                    "--set", "model.precision=bf16-mixed", "--set", "data.test=spirals:n=300,noise=0.3",
+                    "--epochs", "2", "--run-dir", run)
+    assert result.exit_code == 0, result.output
+    reported = json.loads((run / "final_metrics.json").read_text())["test"]
+    result = invoke("evaluate", "--model", run / "model.npz", "--data", "spirals:n=300,noise=0.3", "--json")
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads(result.output)
+    assert evaluated["loss"] == reported["loss"] and evaluated["accuracy"] == reported["accuracy"]
+    trained = MLP([2, 16, 16, 3], dtype="float32", precision="bf16-mixed", seed=3)
+    full = MLP([2, 16, 16, 3], dtype="float32", seed=3)
+    X = np.random.default_rng(0).standard_normal((50, 2)).astype(np.float32)
+    np.testing.assert_array_equal(trained.predict(X), full.predict(X))
+    assert load_model(run / "model.npz").products.precision == "full"
+
+
+def test_bf16_scratch_buffers_are_reused_in_a_deep_network(bf16_cpu):
+    """12 hidden layers: after the first steps every bf16 buffer is reused (it was reallocated every step)."""
+    cfg = small_config("model.precision=bf16-mixed", "model.layers=[2,16,16,16,16,16,16,16,16,16,16,16,16,3]",
+                       "train.epochs=1", dtype="float32")
+    trainer = Trainer(cfg, SerialComm(), echo=lambda text: None)
+    backend = trainer.model.products
+    made = []
+    real = backend.torch.empty
+    order = np.arange(trainer.data.train.n_samples)
+    trainer.step(order, 0)
+    backend.torch = type("T", (), {"__getattr__": lambda self, name: getattr(torch, name),
+                                   "empty": staticmethod(lambda *a, **k: made.append(a) or real(*a, **k))})()
+    for i in range(1, 4):
+        trainer.step(order, i)
+    assert made == []
+
+
+def test_a_run_may_continue_in_another_precision(tmp_path, bf16_cpu):
+    run = tmp_path / "run"
+    common = ["--set", "data.train=spirals:n=300", "--set", "model.layers=[2,8,3]", "--run-dir", run]
+    result = invoke("train", *common, "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    result = invoke("train", *common, "--epochs", "2", "--resume", "auto", "--set", "model.precision=bf16-mixed")
+    assert result.exit_code == 0, result.output
+    assert "bf16" in next(x for x in result.output.splitlines() if "matrix products" in x)
+    result = invoke("train", *common, "--epochs", "3", "--resume", "auto", "--set", "model.precision=full")
+    assert result.exit_code == 0, result.output
+    result = invoke("train", *common, "--epochs", "4", "--resume", "auto", "--set", "model.activation=tanh")
+    assert result.exit_code == 2 and "activation: checkpoint 'relu'" in result.output  # the model stays frozen
