@@ -441,6 +441,11 @@ class Trainer:
         if cfg.model.batch_norm and (self.batch_size < 2 or n % self.batch_size == 1):
             raise ConfigError("model.batch_norm", f"needs at least 2 rows in every batch, but {n} training rows in "
                               f"batches of {self.batch_size} leave a batch of 1; change train.batch_size")
+        warmup = cfg.train.warmup_epochs
+        if warmup > 0 and round(warmup * self.steps_per_epoch) == 0:  # no silent no-op
+            raise ConfigError("train.warmup_epochs", f"{warmup:g} epochs of {self.steps_per_epoch} steps round to 0 "
+                              f"warm-up steps (no warm-up at all); give 0 or at least "
+                              f"{1 / self.steps_per_epoch:.3g} (one step)")
         self.schedule = build_schedule(cfg, self.steps_per_epoch)
         self.state = TrainState()
         self.history: list[dict] = []

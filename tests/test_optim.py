@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import small_config
 
 from dpbp.optim import OPTIMIZERS, LRSchedule, make_optimizer
 
@@ -287,3 +288,15 @@ def test_huge_finite_float64_gradients_are_exact_in_long_double(key):
     np.testing.assert_allclose(p, ref_p, rtol=1e-14, atol=1e-14)
     for k, s in opt.state.items():
         np.testing.assert_allclose(s, ref_state[k], rtol=1e-14, atol=1e-15)
+
+
+def test_a_warmup_shorter_than_half_a_step_is_refused_not_ignored():
+    from dpbp.comm import SerialComm
+    from dpbp.errors import ConfigError
+    from dpbp.train import Trainer
+
+    cfg = small_config("train.warmup_epochs=0.01")  # a fraction of one step: would round to no warm-up
+    with pytest.raises(ConfigError, match=r"train.warmup_epochs: 0.01 epochs of \d+ steps round to 0 warm-up steps"):
+        Trainer(cfg, SerialComm(), echo=lambda text: None)
+    trainer = Trainer(small_config("train.warmup_epochs=0.5"), SerialComm(), echo=lambda text: None)
+    assert trainer.schedule.warmup_steps >= 1
