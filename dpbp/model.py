@@ -142,7 +142,8 @@ class MLP:
         precision: ``full`` (default: the matrix products in ``dtype``) or ``bf16-mixed`` (float32
             only: the training passes' products take bfloat16 inputs with float32 accumulation; see
             ``dpbp.products``). Evaluation (``predict``, ``evaluate_sum``, ``forward`` without a
-            context) always runs in full precision with NumPy, as a reloaded model does.
+            context) always runs in full precision with NumPy, as a reloaded model does (also with
+            ``products = torch``).
         products: which library computes the matrix products: ``auto`` (torch for bf16-mixed,
             else numpy), ``numpy`` or ``torch`` (the optional PyTorch extra). Raises ValueError for
             an impossible pair, ``MissingExtraError`` without PyTorch, ``UnsupportedCPUError`` for
@@ -190,9 +191,9 @@ class MLP:
         self.dtype = np.dtype(dtype)
         self.seed = int(seed)
         self.products = make_products(products, precision, self.dtype)  # the library for the matrix products
-        # Evaluation (predict, evaluate, validation) runs in full precision: bf16-mixed is a training
-        # speed-up, and a saved model must give the same reports wherever it is evaluated.
-        self._eval_products = NumpyProducts() if self.products.precision != "full" else self.products
+        # Evaluation (predict, evaluate, validation) runs in full precision with NumPy, as the saved model
+        # does when it is loaded again: model.precision and model.products are how training computes.
+        self._eval_products = NumpyProducts()
         self.precision = precision
         self.n_layers = len(self.sizes) - 1
         hidden = self.sizes[1:-1]

@@ -258,6 +258,8 @@ def test_a_bf16_model_evaluates_in_full_precision_like_its_saved_copy(tmp_path, 
     full = MLP([2, 16, 16, 3], dtype="float32", seed=3)
     X = np.random.default_rng(0).standard_normal((50, 2)).astype(np.float32)
     np.testing.assert_array_equal(trained.predict(X), full.predict(X))
+    torch32 = MLP([2, 16, 16, 3], dtype="float32", products="torch", seed=3)
+    np.testing.assert_array_equal(torch32.predict(X), full.predict(X))  # as the saved model predicts
     assert load_model(run / "model.npz").products.precision == "full"
 
 
