@@ -595,8 +595,10 @@ _APPLIES: tuple[tuple[str, str, Callable[[Config], bool]], ...] = (
      lambda c: c.train.early_stopping_patience > 0 or c.checkpoint.keep_best or c.train.schedule == "plateau"),
     ("data.val_fraction", "data.val is empty (the validation set is then split off data.train)",
      lambda c: c.data.val == ""),
-    ("model.dropout", "model.hidden is not empty (it drops hidden units)", lambda c: bool(c.model.hidden)),
-    ("model.batch_norm", "model.hidden is not empty (it normalises hidden layers)", lambda c: bool(c.model.hidden)),
+    ("model.dropout", "model.hidden is not empty or model.layers has more than 2 sizes (it drops hidden units)",
+     lambda c: bool(c.model.hidden)),
+    ("model.batch_norm", "model.hidden is not empty or model.layers has more than 2 sizes (it normalises hidden "
+     "layers)", lambda c: bool(c.model.hidden)),
 )
 
 
@@ -607,7 +609,8 @@ def _applies_check(key: str, when: str, acts: Callable[[Config], bool]) -> Calla
         value = getattr(getattr(cfg, section), name)
         if acts(cfg) or value == getattr(_SECTIONS[section](), name):
             return None
-        return f"{value!r} would change nothing: it applies only when {when}; remove it, or set that too"
+        return (f"{value!r} would change nothing: it applies only when {when}; "
+                "remove it, or change the config so it applies")
 
     return check
 

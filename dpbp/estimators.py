@@ -227,6 +227,10 @@ class _DpbpMLP(BaseEstimator):
                 raise InputError(f"config[{key!r}]: set by {OWNED[key]}, not by config")
             if self.run_dir is None and key.startswith(NEED_RUN_DIR):
                 raise InputError(f"config[{key!r}] acts on the run directory's files: give run_dir as well")
+        if extra.get("train.schedule") == "plateau" and not stop_early and not incremental:
+            raise InputError("config['train.schedule'] = 'plateau' lowers the rate when the validation loss stops "
+                             "improving: it needs early_stopping=True, which holds out validation_fraction of the "
+                             "data (and n_iter_no_change > config['train.plateau_patience'] + 1)")
         if incremental and extra.get("train.schedule", "constant") != "constant":
             raise InputError("partial_fit trains one epoch per call at a constant learning rate; "
                              "config['train.schedule'] applies to fit")
@@ -258,7 +262,7 @@ class _DpbpMLP(BaseEstimator):
         """A config message with the estimator's parameter named instead of the config key it maps to."""
         key = message.split(":", 1)[0].removeprefix("config ").strip()
         name = next((n for k, n in OWNED.items() if k == key), None)
-        return f"{name} ({message})" if name else message
+        return f"{name} ({message})" if name else _in_parameters(message)
 
     # ------------------------------------------------------------------ fitting
 

@@ -262,7 +262,8 @@ def check_compatible(trainer, path, meta: dict) -> None:
     differ = [f"{k}: checkpoint {theirs.get(k, before.get(k))!r}, config {mine[k]!r}" for k in keys
               if theirs.get(k, before.get(k)) != mine[k]]
     if differ:
-        raise CheckpointError(f"{path} holds a different model ({'; '.join(differ)})")
+        raise CheckpointError(f"{path} holds a different model ({'; '.join(differ)}); resume with the "
+                              "checkpoint's model settings, or start a new run directory")
     if meta["optimizer"].get("name") != t.optimizer.name:
         raise CheckpointError(f"{path} was trained with optimizer {meta['optimizer'].get('name')!r}; "
                               f"the config asks for {t.optimizer.name!r}")

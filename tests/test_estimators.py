@@ -219,3 +219,17 @@ def test_a_refusal_names_the_parameter_not_the_config_key():
     est = MLPClassifier(hidden_layer_sizes=(8,), max_iter=2, config={"model.batch_norm": True})
     with pytest.raises(ValueError, match=r"leave a batch of 1; change batch_size$"):
         est.fit(X, y)  # batch_size="auto" is 200: 201 rows leave a last batch of one row
+
+
+def test_the_plateau_schedule_from_an_estimator_is_explained_in_its_parameters():
+    X = np.random.default_rng(0).standard_normal((300, 4))
+    y = (X[:, 0] > 0).astype(int)
+    plateau = {"train.schedule": "plateau"}
+    with pytest.raises(ValueError, match=r"needs early_stopping=True"):
+        MLPClassifier(hidden_layer_sizes=(8,), max_iter=3, config=plateau).fit(X, y)
+    with pytest.raises(ValueError, match=r"set n_iter_no_change > 11") as info:
+        MLPClassifier(hidden_layer_sizes=(8,), max_iter=3, config=plateau, early_stopping=True).fit(X, y)
+    assert "train.early_stopping_patience" not in str(info.value)
+    fitted = MLPClassifier(hidden_layer_sizes=(8,), max_iter=3, config=plateau, early_stopping=True,
+                           n_iter_no_change=20).fit(X, y)
+    assert len(fitted.loss_curve_) == 3
