@@ -55,6 +55,7 @@ def collective(fn):
     def wrapper(*args, **kwargs):
         from dpbp.comm import CommError, get_comm, launcher_rank
         from dpbp.errors import DpbpError
+        from dpbp.signals import PREEMPTED_EXIT_CODE
 
         try:
             comm = get_comm()
@@ -73,8 +74,8 @@ def collective(fn):
             raise
         except DpbpError as exc:
             if comm.size == 1 or getattr(exc, "collective", False):
-                if comm.is_root:
-                    click.echo(f"error: {exc}", err=True)
+                if comm.is_root:  # a requested stop (exit 75: checkpointed, resumable) is not an error
+                    click.echo(f"{'' if exc.exit_code == PREEMPTED_EXIT_CODE else 'error: '}{exc}", err=True)
                 sys.exit(exc.exit_code)
             click.echo(f"error on rank {comm.rank}: {exc}", err=True)
             comm.abort(exc.exit_code)
