@@ -27,7 +27,7 @@ import numpy as np
 from dpbp import __version__
 from dpbp.data import NORMALIZERS, Normalizer
 from dpbp.errors import CheckpointError, DpbpError, SaveError
-from dpbp.model import MLP, n_params
+from dpbp.model import MLP, RUNNING_ARRAYS, n_params
 from dpbp.ops import task_of
 from dpbp.optim import make_optimizer
 from dpbp.targets import Targets
@@ -38,7 +38,6 @@ MODEL_FORMAT = "dpbp-model"
 # record (task, class labels, target scaling); 1: the normaliser folded into the first layer, no labels record.
 FORMAT_VERSION = 3
 READ_MODEL_VERSIONS = (1, 2, 3)
-BN_ARRAYS = ("bn_mean", "bn_var")  # batch norm's running statistics: float64, the hidden units in layer order
 
 
 def payload_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -301,7 +300,7 @@ def _norm_layout(spec: dict, writes_them: bool) -> Layout:
         raise ValueError("dropout and batch_norm in a model description need a newer format version")
     if not spec.get("batch_norm", False):
         return {}
-    return {name: ((sum(spec["sizes"][1:-1]),), np.dtype(np.float64)) for name in BN_ARRAYS}
+    return {name: ((sum(spec["sizes"][1:-1]),), np.dtype(np.float64)) for name in RUNNING_ARRAYS}
 
 
 class Network(NamedTuple):
@@ -354,9 +353,7 @@ def save_model(path: str | os.PathLike, model: MLP, inputs: Normalizer | None = 
         "format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "dpbp_version": __version__,
         "model": model.describe(), "normalize": inputs.kind, "targets": targets.to_meta(), **(extra or {}),
     }
-    arrays = {"params": model.params.copy(), **inputs.to_arrays(), **targets.to_arrays()}
-    if model.batch_norm:
-        arrays.update(bn_mean=model.running_mean.copy(), bn_var=model.running_var.copy())
+    arrays = {"params": model.params.copy(), **model.running_arrays(), **inputs.to_arrays(), **targets.to_arrays()}
     try:
         atomic_write_npz(path, arrays, meta)
     except OSError as exc:
@@ -466,9 +463,7 @@ def _build_model(spec: dict, arrays: dict, path) -> MLP:
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: invalid model description ({exc})") from None
     model.params[...] = arrays["params"]
-    if model.batch_norm:
-        model.running_mean[...] = arrays["bn_mean"]
-        model.running_var[...] = arrays["bn_var"]
+    model.load_running(arrays)
     return model
 
 

@@ -345,8 +345,7 @@ class _DpbpMLP(BaseEstimator):
         src = trainer.model
         model = MLP(**src.describe())
         model.params[...] = state["params"]  # a private copy: the trainer's may live in node-shared memory
-        if model.batch_norm:
-            model.running_mean[...], model.running_var[...] = state["bn_mean"], state["bn_var"]
+        model.load_running(state)
         self.model_ = model
         self.normalizer_ = data.normalizer
         self.targets_ = data.targets

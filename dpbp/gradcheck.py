@@ -33,7 +33,7 @@ def as_float64(model: MLP) -> MLP:
     spec = dict(model.describe(), dtype="float64")
     copy = MLP(**spec)
     copy.params[...] = model.params
-    copy.running_mean[...], copy.running_var[...] = model.running_mean, model.running_var
+    copy.load_running(model.running_arrays())
     return copy
 
 

@@ -183,9 +183,10 @@ def workspace_bytes(sizes: list[int], rows: int, itemsize: int) -> int:
 
 def _model_parts(sizes: list[int], itemsize: int, state_vectors: int, rows: int) -> tuple[int, int, int, int]:
     """(n_params, bytes while drawing the weights, bytes of parameter-sized vectors, bytes of activations)."""
+    from dpbp.model import n_params
     from dpbp.optim import CHUNK_ELEMENTS
 
-    n = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    n = n_params(sizes)
     weights = [a * b for a, b in zip(sizes[:-1], sizes[1:])]
     drawing = n * itemsize + 8 * max(w + prev for w, prev in zip(weights, [0, *weights]))
     vectors = ((2 + state_vectors) * n + 4 + (min(n, CHUNK_ELEMENTS) if state_vectors else 0)) * itemsize

@@ -31,6 +31,7 @@ from dpbp.products import NumpyProducts, make_products
 INITS = ("auto", "he", "xavier", "normal")
 BN_EPS = 1e-5  # batch norm: added to the variance (torch.nn.BatchNorm1d's default)
 BN_MOMENTUM = 0.1  # batch norm: running <- (1 - m) running + m batch statistic (torch's default)
+RUNNING_ARRAYS = ("bn_mean", "bn_var")  # batch norm's running mean and variance, as files hold them
 DROPOUT_KEY = 0x64726F706F7574  # the second word of the Philox key of dropout masks ("dropout")
 NORMAL_INIT_STD = 0.1
 DTYPES = ("float32", "float64")
@@ -194,7 +195,6 @@ class MLP:
         # Evaluation (predict, evaluate, validation) runs in full precision with NumPy, as the saved model
         # does when it is loaded again: model.precision and model.products are how training computes.
         self._eval_products = NumpyProducts()
-        self.precision = precision
         self.n_layers = len(self.sizes) - 1
         hidden = self.sizes[1:-1]
         self.dropout = _check_dropout(dropout, len(hidden))
@@ -211,6 +211,11 @@ class MLP:
         self._init_weights(seed)
         self._workspaces: dict[int, _Workspace] = {}
         self._pending: _Workspace | None = None  # the batch statistics update_running_stats folds in
+
+    @property
+    def precision(self) -> str:
+        """``full`` or ``bf16-mixed``: how the training passes' products compute (the backend's own)."""
+        return self.products.precision
 
     # -------------------------------------------------------------- layout
 
@@ -270,6 +275,19 @@ class MLP:
         bounds = np.cumsum([0, *self.sizes[1:-1]])
         return ([self.running_mean[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
                 [self.running_var[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+
+    def running_arrays(self) -> dict[str, np.ndarray]:
+        """Copies of batch norm's running statistics as files and checkpoints hold them: ``bn_mean``,
+        ``bn_var`` (float64, hidden units in layer order); {} without batch norm."""
+        if not self.batch_norm:
+            return {}
+        return dict(zip(RUNNING_ARRAYS, (self.running_mean.copy(), self.running_var.copy())))
+
+    def load_running(self, arrays) -> None:
+        """Batch norm's running statistics become ``arrays["bn_mean"]``/``["bn_var"]`` (as ``running_arrays``
+        gives them); nothing without batch norm. Mutates ``running_mean``/``running_var`` in place."""
+        if self.batch_norm:
+            self.running_mean[...], self.running_var[...] = (arrays[name] for name in RUNNING_ARRAYS)
 
     def layer_views(self, flat: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per-layer (W, b) views into any flat buffer with the ``params`` layout."""

@@ -94,7 +94,7 @@ def payload(trainer) -> tuple[dict[str, np.ndarray], dict]:
     regression targets): any checkpoint can then be evaluated or used as a model.
     """
     t = trainer
-    arrays = {"params": t.model.params, **t.running_arrays()}
+    arrays = {"params": t.model.params, **t.model.running_arrays()}
     for name, value in t.optimizer.state_dict().items():
         arrays[f"optim_{name}"] = value
     norm = t.data.normalizer
@@ -131,7 +131,7 @@ def save(trainer, best: bool = False) -> Path | None:
     folder = t.checkpoint_dir
     if folder is None:
         if best:  # checkpoint.restore_best without a run directory (the estimators): the best stays in memory
-            t.best_copy = ({"params": t.model.params.copy(), **t.running_arrays()},
+            t.best_copy = ({"params": t.model.params.copy(), **t.model.running_arrays()},
                            {"epoch": t.state.epoch, "step": t.state.global_step, "val_loss": t.state.best_val_loss})
         return None
     st = t.state
@@ -217,7 +217,7 @@ def restore_best(trainer) -> None:
             return
         arrays, info = t.best_copy
         t.exchange.write_params(t.model, arrays["params"])
-        t.load_running(arrays)
+        t.model.load_running(arrays)
         t.echo(f"restored the best model: epoch {info['epoch']}, val loss {info['val_loss']:.4f} "
                "(checkpoint.restore_best)")
         return
@@ -230,7 +230,7 @@ def restore_best(trainer) -> None:
             return None
         arrays, meta = ckpt.load_checkpoint(best[0].path)
         st = meta["state"]  # saved at the end of the best epoch: ``epoch`` counts it as done
-        kept = {k: arrays[k] for k in ("params", *t.running_arrays())}
+        kept = {k: arrays[k] for k in ("params", *t.model.running_arrays())}
         return kept, {**meta["run"], "epoch": st["epoch"], "val_loss": st["best_val_loss"], "step": st["global_step"]}
 
     found = all_or_nothing(t.comm, read, "reading the best checkpoint")
@@ -238,11 +238,11 @@ def restore_best(trainer) -> None:
     if info is None:
         t.echo("warning: checkpoint.restore_best: no best checkpoint in this run; the final model is the last one")
         return
-    arrays = found[0] if t.comm.is_root else {"params": np.empty_like(t.model.params), **t.running_arrays()}
+    arrays = found[0] if t.comm.is_root else {"params": np.empty_like(t.model.params), **t.model.running_arrays()}
     for name in sorted(arrays):
         t.comm.bcast_(arrays[name])  # DP: every rank continues with rank 0's best parameters (and statistics)
     t.exchange.write_params(t.model, arrays["params"])
-    t.load_running(arrays)
+    t.model.load_running(arrays)
     t.model_lineage = {**t.model_lineage, "restored_best": info["seq"], "step": info["step"],
                        "final_step": t.state.global_step}
     t.echo(f"restored the best model: epoch {info['epoch']}, val loss {info['val_loss']:.4f} "

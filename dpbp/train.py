@@ -789,24 +789,12 @@ class Trainer:
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Copies of the parameters (``params``), batch norm's running statistics (``bn_mean``, ``bn_var``,
-        see ``running_arrays``) and the optimizer state (``optim_<name>``, ``optim_t``).
+        see ``MLP.running_arrays``) and the optimizer state (``optim_<name>``, ``optim_t``).
 
         Identical on every rank (the exchange keeps one whole copy of both on every rank or node).
         """
-        return {"params": self.model.params.copy(), **self.running_arrays(),
+        return {"params": self.model.params.copy(), **self.model.running_arrays(),
                 **{f"optim_{name}": value for name, value in self.optimizer.state_dict().items()}}
-
-    def running_arrays(self) -> dict[str, np.ndarray]:
-        """Copies of batch norm's running statistics (``bn_mean``, ``bn_var``: float64, hidden units in
-        layer order; the same on every rank), or {} without batch norm."""
-        m = self.model
-        return {"bn_mean": m.running_mean.copy(), "bn_var": m.running_var.copy()} if m.batch_norm else {}
-
-    def load_running(self, arrays) -> None:
-        """Batch norm's running statistics become ``arrays["bn_mean"]``/``["bn_var"]`` (every rank holds its own)."""
-        if self.model.batch_norm:
-            self.model.running_mean[...] = arrays["bn_mean"]
-            self.model.running_var[...] = arrays["bn_var"]
 
     def load_state(self, arrays) -> None:
         """Continue from parameters and optimizer state as ``state_arrays`` gives them (collective).
@@ -818,7 +806,7 @@ class Trainer:
         prefix = "optim_"
         self.exchange.write_params(self.model, arrays["params"], self.optimizer,
                                    {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
-        self.load_running(arrays)
+        self.model.load_running(arrays)
 
     # -------------------------------------------------------------- the run directory
 
