@@ -294,8 +294,8 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
          f"{trainer.steps_per_epoch} steps/epoch, {cfg.train.optimizer} lr {cfg.train.lr:g}, run dir {path}")
     from dpbp.products import describe_cpu
 
-    echo(f"  matrix products: {trainer.model.products.describe()}, precision {trainer.model.precision}; "
-         f"CPU: {describe_cpu()}")
+    echo(f"  matrix products: {trainer.model.products.describe()}, precision {trainer.model.precision}"
+         f"{_hidden_layers(trainer.model)}; CPU: {describe_cpu()}")
     if comm.size > 1:
         echo(f"  gradients: {trainer.exchange.name}")
     extras = [f"dropout {', '.join(f'{r:g}' for r in trainer.model.dropout)}" if any(trainer.model.dropout) else "",
@@ -319,6 +319,17 @@ def _train(comm, stop, config_file, overrides, epochs, batch_size, lr, seed, run
     if result.stopped == "early_stopping":
         parts.append("stopped early")
     echo("done: " + " | ".join(parts) + f" | model: {path / 'model.npz'}")
+
+
+def _hidden_layers(model) -> str:
+    """For the header in bf16-mixed: where a training step keeps the hidden activations, and why."""
+    if model.precision != "bf16-mixed" or model.n_layers < 2:
+        return ""
+    if model.fused:
+        return f", hidden activations ({model.activation}) in bf16 between the products"
+    why = [f"activation {model.activation}" if not model.products.fuses(model.activation) else "",
+           "dropout" if any(model.dropout) else "", "batch norm" if model.batch_norm else ""]
+    return f", hidden activations in float32 (NumPy; {', '.join(w for w in why if w)})"
 
 
 def _metrics_text(record: dict, prefix: str) -> str:

@@ -96,6 +96,9 @@ class _Workspace:
         self.mask = np.empty(wide, bool) if dtype == np.float32 else None
         self.ones = np.ones(n, dtype)  # bias gradients as ones @ delta: a BLAS call, 2x faster than sum
         self.sizes, self.dtype = tuple(sizes), dtype
+        # a bf16-mixed training pass whose hidden layers the backend keeps in bf16 (``MLP.fused``):
+        # hidden[h] is hidden layer h's activations as the backend's bf16 tensor
+        self.hidden: list = [None] * (len(widths) - 1)
         self.trained = False  # the buffers below exist once a training pass used this workspace
 
     def for_training(self, dropout: Sequence[float], batch_norm: bool) -> _Workspace:
@@ -141,10 +144,11 @@ class MLP:
             ``he``, ``xavier`` or ``normal`` (N(0, 0.1^2)). Biases start at zero.
         dtype: ``float32`` (default) or ``float64``; every buffer has this dtype.
         precision: ``full`` (default: the matrix products in ``dtype``) or ``bf16-mixed`` (float32
-            only: the training passes' products take bfloat16 inputs with float32 accumulation; see
-            ``dpbp.products``). Evaluation (``predict``, ``evaluate_sum``, ``forward`` without a
-            context) always runs in full precision with NumPy, as a reloaded model does (also with
-            ``products = torch``).
+            only: the training passes' products take bfloat16 inputs with float32 accumulation, and
+            hidden layers with a piecewise-linear activation and no dropout or batch norm stay in
+            bfloat16 between them, as ``fused`` says; see ``dpbp.products``). Evaluation
+            (``predict``, ``evaluate_sum``, ``forward`` without a context) always runs in full
+            precision with NumPy, as a reloaded model does (also with ``products = torch``).
         products: which library computes the matrix products: ``auto`` (torch for bf16-mixed,
             else numpy), ``numpy`` or ``torch`` (the optional PyTorch extra). Raises ValueError for
             an impossible pair, ``MissingExtraError`` without PyTorch, ``UnsupportedCPUError`` for
@@ -202,6 +206,8 @@ class MLP:
             raise ValueError(f"batch_norm must be true or false, got {batch_norm!r}")
         self.batch_norm = bool(batch_norm)
         self.n_params = n_params(self.sizes, self.batch_norm)
+        # Training passes leave the hidden layers to the backend (bf16 from product to product) when it can.
+        self.fused = self.products.fuses(activation) and not self.batch_norm and not any(self.dropout)
         self._params = np.zeros(self.n_params, self.dtype)
         self.weights, self.biases = self.layer_views(self._params)
         self.gammas, self.betas = self.norm_views(self._params)
@@ -374,7 +380,11 @@ class MLP:
         """
         a = X
         last = self.n_layers - 1
+        fused = context is not None and self.fused
         for l, (W, b) in enumerate(zip(self.weights, self.biases)):
+            if fused and l < last:
+                a = ws.hidden[l] = self.products.hidden_forward(l, a, W, b, self.activation)
+                continue
             z = ws.z[l]
             (self.products if context is not None else self._eval_products).forward(l, a, W, z)
             z += b
@@ -511,14 +521,20 @@ class MLP:
         gW, gb = self.layer_views(grad_out)
         delta = ws.out_delta
         buffers = (ws.delta_a, ws.delta_b)
-        for l in range(self.n_layers - 1, -1, -1):
+        last = self.n_layers - 1
+        fused = context is not None and self.fused  # hidden activations and deltas: the backend's bf16 tensors
+        for l in range(last, -1, -1):
             a_prev = X if l == 0 else self._layer_output(l - 1, ws, context)
             self.products.weight_grad(l, delta, a_prev, gW[l])
-            if self.batch_norm and l < self.n_layers - 1:
+            if self.batch_norm and l < last:
                 gb[l].fill(0.0)  # the batch mean removes b: its gradient is exactly 0 (sums would give rounding)
+            elif fused and l < last:
+                self.products.bias_grad(l, delta, gb[l])
             else:
                 np.matmul(ws.ones, delta, out=gb[l])
-            if l > 0:
+            if l > 0 and fused:
+                delta = self.products.hidden_backprop(l, delta, self.weights[l], ws.hidden[l - 1], self.activation)
+            elif l > 0:
                 h, width = l - 1, self.sizes[l]
                 d_prev = ws.view(buffers[l % 2], ws.n, width)
                 self.products.backprop(l, delta, self.weights[l], d_prev)
@@ -533,7 +549,10 @@ class MLP:
                 on_layer_ready(l)  # DP: lets the trainer start reducing this layer early
 
     def _layer_output(self, h: int, ws: _Workspace, context: StepContext | None) -> np.ndarray:
-        """What hidden layer h passes on: its activations, times the dropout mask in training."""
+        """What hidden layer h passes on: its activations, times the dropout mask in training (the backend's
+        tensor in a fused training pass)."""
+        if context is not None and self.fused:
+            return ws.hidden[h]
         return ws.drop[h] if context is not None and self.dropout[h] > 0 else ws.z[h]
 
     def _norm_backward(self, h: int, delta: np.ndarray, ws: _Workspace, grad_out: np.ndarray,

@@ -6,16 +6,26 @@ The three products of layer l (rows are samples, ``n`` rows):
 * weights   ``dW = delta^T A_prev``  ``(out, in)``
 * backprop  ``delta_prev = delta W`` ``(n, in)``
 
-Every backend writes into the caller's buffers in the model's dtype, so the flat parameter and
-gradient vectors, the exchange and the optimizer never see another dtype. Bias sums stay in the
-model (NumPy, model dtype) whatever the backend.
+Every backend writes its results into the caller's buffers in the model's dtype, so the flat
+parameter and gradient vectors, the exchange and the optimizer never see another dtype. Bias sums
+stay in the model (NumPy, model dtype), except in a bf16-mixed pass whose hidden layers the backend
+keeps (below).
 
 ``bf16-mixed`` (PyTorch Lightning's name): the inputs of the three products are rounded to
 bfloat16 (8 significant bits), each product accumulates in float32 inside the kernel (oneDNN or
-MKL) and its result is rounded to bfloat16 once, then written into the float32 buffer; the weights,
-gradients, loss, softmax, activations and update stay float32. Each layer's weights are cast once
-per forward pass (one step), its input once in the forward pass (reused by ``dW``), and ``delta``
-once per layer (used by ``dW`` and by ``delta_prev``).
+MKL) and its result is rounded to bfloat16 once; the weights, gradients, loss, softmax and update
+stay float32. Each layer's weights are cast once per forward pass (one step), its input once in
+the forward pass (reused by ``dW``), and ``delta`` once per layer (used by ``dW`` and by
+``delta_prev``). Hidden layers come in two kinds (the model chooses, ``MLP.fused``):
+
+* kept in bf16 (activation in ``BF16_ACTIVATIONS``, no dropout, no batch norm), as under
+  ``torch.autocast``: ``hidden_forward`` adds the bias inside the product (``addmm``) and applies
+  the activation to the bf16 result in place; the next product, ``dW``, the bias sum and
+  ``hidden_backprop`` (``bf16(delta W)`` times ``g'``) take those tensors as they are. These
+  activations are piecewise linear, so on a bf16 value they give exactly what the float32 path
+  gives once rounded for the next product: no float32 copy, no cast, no NumPy pass.
+* float32 element-wise work (tanh, sigmoid, dropout, batch norm): every product's result is
+  written into the model's float32 buffer and the model does the rest in NumPy.
 
 PyTorch is an optional extra (``pip install 'dpbp[torch]'``); it is imported only when asked for.
 """
@@ -28,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from dpbp.errors import DpbpError, MissingExtraError
+from dpbp.ops import LEAKY_SLOPE
 
 PRECISIONS = ("full", "bf16-mixed")
 PRODUCTS = ("auto", "numpy", "torch")
@@ -136,6 +147,10 @@ class NumpyProducts:
     def describe(self) -> str:
         return "NumPy BLAS, model dtype"
 
+    def fuses(self, activation: str) -> bool:
+        """Does this backend compute hidden layers with ``activation`` itself (``hidden_forward``)? No."""
+        return False
+
     def forward(self, l: int, a: np.ndarray, W: np.ndarray, out: np.ndarray) -> None:
         """out (n, out) = a (n, in) @ W.T; W is (out, in)."""
         np.matmul(a, W.T, out=out)
@@ -176,6 +191,9 @@ class TorchProducts:
     def describe(self) -> str:
         return f"PyTorch {self.torch.__version__} (MKL/oneDNN), model dtype"
 
+    def fuses(self, activation: str) -> bool:
+        return False
+
     def forward(self, l, a, W, out):
         t = self.torch
         t.matmul(_view(t, a), _view(t, W).T, out=t.from_numpy(out))
@@ -189,6 +207,38 @@ class TorchProducts:
         t.matmul(t.from_numpy(delta), _view(t, W), out=t.from_numpy(out))
 
 
+def _relu_forward(torch, z):
+    torch.relu_(z)
+
+
+def _relu_backward(torch, a, delta):
+    torch.ops.aten.threshold_backward.grad_input(delta, a, 0, grad_input=delta)  # delta * [a > 0]
+
+
+def _leaky_relu_forward(torch, z):
+    torch.nn.functional.leaky_relu_(z, LEAKY_SLOPE)
+
+
+def _leaky_relu_backward(torch, a, delta):
+    torch.ops.aten.leaky_relu_backward.grad_input(delta, a, LEAKY_SLOPE, True, grad_input=delta)
+
+
+def _identity(torch, *arrays):
+    pass
+
+
+# Hidden activations a bf16-mixed pass computes on bf16 tensors, (forward(z) in place, backward(a, delta)
+# in place), as ``dpbp.ops.ACTIVATIONS`` does in the model dtype. Only piecewise-linear ones: on a
+# bf16 input they give what the float32 path gives once its result is rounded for the next product.
+# tanh and sigmoid stay on the float32 element-wise path (their derivative from a rounded activation
+# would lose bits that the float32 path keeps).
+BF16_ACTIVATIONS = {
+    "relu": (_relu_forward, _relu_backward),
+    "leaky_relu": (_leaky_relu_forward, _leaky_relu_backward),
+    "identity": (_identity, _identity),
+}
+
+
 def _key(a: np.ndarray) -> tuple[int, tuple[int, ...]]:
     """Where an array's data is and its shape: recognises the same buffer passed again."""
     return a.__array_interface__["data"][0], a.shape
@@ -197,17 +247,26 @@ def _key(a: np.ndarray) -> tuple[int, tuple[int, ...]]:
 class TorchBF16Products(TorchProducts):
     """bf16-mixed: bfloat16 inputs, float32 accumulation, one bfloat16 rounding of each result.
 
-    Call order within one forward+backprop over the same rows (the model's): ``forward(l)`` for
-    every layer, then per layer ``weight_grad(l)`` and ``backprop(l)``. ``forward(l)`` casts W and
-    the layer's input; ``weight_grad(l)`` reuses that input copy and casts delta; ``backprop(l)``
-    reuses delta's and W's copies. A buffer that is not the one cast before is cast again, so a
-    call out of that order is slower, never wrong, as long as the arrays were not written to
-    in between (the model never does).
+    Call order within one forward+backprop over the same rows (the model's): ``forward(l)`` (or
+    ``hidden_forward(l)``) for every layer, then per layer ``weight_grad(l)``, the bias gradient
+    and ``backprop(l)`` (or ``hidden_backprop(l)``). ``forward(l)`` casts W and the layer's input;
+    ``weight_grad(l)`` reuses that input copy and casts delta; ``backprop(l)`` reuses delta's and
+    W's copies. A buffer that is not the one cast before is cast again, so a call out of that
+    order is slower, never wrong, as long as the arrays were not written to in between (the model
+    never does).
+
+    Hidden layers whose activation is in ``BF16_ACTIVATIONS`` (without batch norm or dropout, the
+    model's choice) stay in bf16 from one product to the next, as under ``torch.autocast``:
+    ``hidden_forward`` returns ``g(bf16(A W^T + b))`` as a kept bf16 tensor (one rounding after
+    the bias, inside the kernel), which the next layer's ``forward``, ``weight_grad`` and
+    ``hidden_backprop`` take as it is; ``hidden_backprop`` returns ``bf16(delta W) * g'``, also a
+    kept tensor. No float32 copy of those activations or deltas exists: the output layer's
+    ``Z`` and every gradient are float32 in the caller's buffers.
     """
 
     precision = "bf16-mixed"
-    # bf16 scratch tensors kept per layer, by role (W, A, Z, G, D, P) and shape: a step's shard and an
-    # epoch's shorter last batch need 12; a run that keeps meeting new shapes starts over past this.
+    # bf16 scratch tensors kept per layer, by role (W, B, A, Z, G, S, D, P) and shape: a step's shard and an
+    # epoch's shorter last batch need 16; a run that keeps meeting new shapes starts over past this.
     BUFFERS_PER_LAYER = 24
 
     def __init__(self, torch):
@@ -220,6 +279,10 @@ class TorchBF16Products(TorchProducts):
 
     def describe(self) -> str:
         return f"PyTorch {self.torch.__version__} (oneDNN/MKL), bf16 inputs with float32 accumulation"
+
+    def fuses(self, activation: str) -> bool:
+        """True for the activations whose hidden layers this backend keeps in bf16 (``BF16_ACTIVATIONS``)."""
+        return activation in BF16_ACTIVATIONS
 
     def _buffer(self, role: str, l: int, shape: tuple[int, ...]):
         key = (role, l, shape)
@@ -246,30 +309,83 @@ class TorchBF16Products(TorchProducts):
             got = self._w16[l] = (_key(W), self._cast("W", l, W))
         return got[1]
 
+    def _input(self, l: int, a):
+        """Layer l's input in bf16 for ``forward``: a kept tensor as it is, an array cast (and remembered)."""
+        if isinstance(a, self.torch.Tensor):
+            self._a16[l] = (None, a)
+            return a
+        a16 = self._cast("A", l, a)
+        self._a16[l] = (_key(a), a16)
+        return a16
+
+    def _delta(self, l: int, delta, *, fresh: bool):
+        """delta in bf16: a kept tensor as it is; an array cast (``fresh``: always, else unless cast just before)."""
+        if isinstance(delta, self.torch.Tensor):
+            return delta
+        got = self._d16
+        if not fresh and got is not None and got[:2] == (l, _key(delta)):
+            return got[2]
+        d16 = self._cast("D", l, delta)
+        self._d16 = (l, _key(delta), d16)
+        return d16
+
     def forward(self, l, a, W, out):
         t = self.torch
         w16 = self._weights(l, W, fresh=True)  # once per forward pass: the weights changed since the last step
-        a16 = self._cast("A", l, a)
-        self._a16[l] = (_key(a), a16)
+        a16 = self._input(l, a)
         z16 = self._buffer("Z", l, out.shape)
         t.matmul(a16, w16.T, out=z16)
         t.from_numpy(out).copy_(z16)
 
+    def hidden_forward(self, l: int, a, W: np.ndarray, b: np.ndarray, activation: str):
+        """Hidden layer l: ``g(A W^T + b)`` as a kept bf16 ``(n, out)`` tensor (valid until the next pass).
+
+        ``a``: ``(n, in)`` float32 array (the input rows) or the previous ``hidden_forward``'s
+        tensor; ``W`` ``(out, in)``, ``b`` ``(out,)`` float32. The bias is rounded to bf16 and added
+        inside the product's float32 accumulation (``addmm``), so the result is rounded once.
+        """
+        t = self.torch
+        w16 = self._weights(l, W, fresh=True)
+        a16 = self._input(l, a)
+        z16 = self._buffer("Z", l, (a16.shape[0], W.shape[0]))
+        t.addmm(self._cast("B", l, b), a16, w16.T, out=z16)
+        BF16_ACTIVATIONS[activation][0](t, z16)
+        return z16
+
     def weight_grad(self, l, delta, a_prev, out):
         t = self.torch
         got = self._a16.get(l)
-        a16 = got[1] if got is not None and got[0] == _key(a_prev) else self._cast("A", l, a_prev)
-        d16 = self._cast("D", l, delta)
-        self._d16 = (l, _key(delta), d16)
+        if isinstance(a_prev, t.Tensor):
+            a16 = a_prev
+        else:
+            a16 = got[1] if got is not None and got[0] == _key(a_prev) else self._cast("A", l, a_prev)
         g16 = self._buffer("G", l, out.shape)
-        t.matmul(d16.T, a16, out=g16)
+        t.matmul(self._delta(l, delta, fresh=True).T, a16, out=g16)
         t.from_numpy(out).copy_(g16)
+
+    def bias_grad(self, l: int, delta, out: np.ndarray) -> None:
+        """out ``(width,)`` float32 = the column sums of a bf16 ``delta`` tensor ``(n, width)``.
+
+        Like a product (ones^T delta): added in float32 inside the kernel, rounded to bf16 once
+        (3x faster than a float32 result), then written into the float32 buffer.
+        """
+        t = self.torch
+        s16 = self._buffer("S", l, out.shape)
+        t.sum(delta, 0, out=s16)
+        t.from_numpy(out).copy_(s16)
 
     def backprop(self, l, delta, W, out):
         t = self.torch
-        got = self._d16
-        d16 = got[2] if got is not None and got[:2] == (l, _key(delta)) else self._cast("D", l, delta)
-        w16 = self._weights(l, W, fresh=False)
         p16 = self._buffer("P", l, out.shape)
-        t.matmul(d16, w16, out=p16)
+        t.matmul(self._delta(l, delta, fresh=False), self._weights(l, W, fresh=False), out=p16)
         t.from_numpy(out).copy_(p16)
+
+    def hidden_backprop(self, l: int, delta, W: np.ndarray, a, activation: str):
+        """delta of hidden layer l - 1 as a kept bf16 ``(n, in)`` tensor: ``bf16(delta W) * g'``, where
+        ``a`` is that layer's ``hidden_forward`` tensor (g' is read from the activations, as
+        ``dpbp.ops`` does). ``delta``: ``(n, out)`` float32 array or a ``hidden_backprop`` tensor."""
+        t = self.torch
+        p16 = self._buffer("P", l, (a.shape[0], W.shape[1]))
+        t.matmul(self._delta(l, delta, fresh=False), self._weights(l, W, fresh=False), out=p16)
+        BF16_ACTIVATIONS[activation][1](t, a, p16)
+        return p16

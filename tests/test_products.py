@@ -27,7 +27,7 @@ from helpers import invoke, small_config
 from dpbp import products
 from dpbp.comm import SerialComm
 from dpbp.errors import MissingExtraError
-from dpbp.model import MLP
+from dpbp.model import MLP, StepContext
 from dpbp.products import TorchBF16Products, TorchProducts, UnsupportedCPUError, make_products
 from dpbp.threads import configure_blas_threads
 from dpbp.train import Trainer
@@ -124,6 +124,78 @@ def test_bf16_step_gradient_is_within_the_bf16_error_of_the_float32_step(bf16_cp
     assert abs(s16.loss_sum - s.loss_sum) <= 8 * 3 * U * s.loss_sum
     for (wi, _), (wj, _) in zip(full.layer_slices(), mixed.layer_slices()):  # every layer's gradient, not only the sum
         assert np.linalg.norm(g16[wj] - g[wi]) <= 8 * 3 * U * np.linalg.norm(g[wi])
+
+
+@pytest.mark.parametrize("activation, dropout, batch_norm, fused", [
+    ("relu", 0.0, False, True), ("leaky_relu", 0.0, False, True), ("identity", 0.0, False, True),
+    ("tanh", 0.0, False, False), ("sigmoid", 0.0, False, False),
+    ("relu", 0.2, False, False), ("relu", 0.0, True, False),
+])
+def test_every_bf16_path_meets_the_step_bound(bf16_cpu, activation, dropout, batch_norm, fused):
+    """The bound of the test above on each bf16-mixed path: hidden layers kept in bf16 by the backend
+    (piecewise-linear activations, no dropout or batch norm), or the float32 element-wise path."""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((256, 20)).astype(np.float32)
+    y = rng.integers(0, 5, 256)
+    kw = dict(activation=activation, dropout=dropout, batch_norm=batch_norm, dtype="float32", seed=3)
+    full, mixed = MLP([20, 32, 32, 5], **kw), MLP([20, 32, 32, 5], precision="bf16-mixed", **kw)
+    assert mixed.fused is fused and full.fused is False
+    g, g16 = np.empty(full.n_params, np.float32), np.empty(full.n_params, np.float32)
+    context = StepContext(epoch=1, step=2)
+    full.loss_and_grad_sum(X, y, g, context=context)
+    mixed.loss_and_grad_sum(X, y, g16, context=context)
+    for (wi, bi), _ in zip(full.layer_slices(), mixed.layer_slices()):
+        for part in (wi, bi):
+            assert np.linalg.norm(g16[part] - g[part]) <= 8 * 3 * U * np.linalg.norm(g[part])
+    rel = float(np.linalg.norm(g16 - g) / np.linalg.norm(g))
+    assert 1e-4 < rel <= 8 * 3 * U, rel
+
+
+def test_a_bf16_pass_does_not_depend_on_the_passes_before(bf16_cpu):
+    """The backend keeps bf16 copies between calls; none may leak from one pass into the next.
+
+    Same weights, same rows: the gradient after passes over other rows (and another row count)
+    is bit for bit the gradient of a fresh model's first pass.
+    """
+    rng = np.random.default_rng(5)
+    X1, X2, X3 = (rng.standard_normal((n, 12)).astype(np.float32) for n in (64, 7, 64))
+    y1, y2, y3 = (rng.integers(0, 4, X.shape[0]) for X in (X1, X2, X3))
+    used, fresh = (MLP([12, 24, 16, 4], dtype="float32", seed=6, precision="bf16-mixed") for _ in range(2))
+    assert used.fused
+    g, want = np.empty(used.n_params, np.float32), np.empty(used.n_params, np.float32)
+    buf = np.empty_like(X1)  # the trainer's way: every batch gathered into the same buffer
+    used.loss_and_grad_sum(X2, y2, g)  # another row count
+    np.copyto(buf, X1)
+    used.loss_and_grad_sum(buf, y1, g)
+    np.copyto(buf, X3)  # the same row count again: the same buffers, new contents
+    used.loss_and_grad_sum(buf, y3, g)
+    fresh.loss_and_grad_sum(X3.copy(), y3, want)
+    np.testing.assert_array_equal(g, want)
+
+
+def test_a_bf16_hidden_layer_rounds_once_after_the_bias(bf16_cpu):
+    """hidden_forward: g(bf16(A16 W16^T + b16)): one rounding of the float32 sum, bias included."""
+    rng = np.random.default_rng(7)
+    A = rng.standard_normal((32, 48), dtype=np.float32)
+    W = rng.standard_normal((40, 48), dtype=np.float32)
+    b = rng.standard_normal(40, dtype=np.float32) * 4
+    backend = make_products("auto", "bf16-mixed", "float32")
+    got = backend.hidden_forward(0, A, W, b, "identity").float().numpy()
+    A16, W16, b16 = (round_bf16(x).astype(np.float64) for x in (A, W, b))
+    exact = A16 @ W16.T + b16
+    bound = U * np.abs(exact) + gamma(49) * (1 + U) * (np.abs(A16) @ np.abs(W16.T) + np.abs(b16))
+    assert np.all(np.abs(got - exact) <= bound)
+    np.testing.assert_array_equal(round_bf16(got), got)  # the result is a bf16 value
+    relu = backend.hidden_forward(0, A, W, b, "relu").float().numpy()
+    np.testing.assert_array_equal(relu, np.maximum(got, 0))
+    # the bias gradient of a bf16 delta: its column sums, added in float32, rounded to bf16 once
+    delta = torch.from_numpy(rng.standard_normal((32, 40), dtype=np.float32)).bfloat16()
+    db = np.empty(40, np.float32)
+    backend.bias_grad(0, delta, db)
+    d = delta.float().numpy().astype(np.float64)
+    exact = d.sum(axis=0)
+    assert np.all(np.abs(db - exact) <= U * np.abs(exact) + gamma(32) * (1 + U) * np.abs(d).sum(axis=0))
+    np.testing.assert_array_equal(round_bf16(db), db)
 
 
 def test_torch_float32_products_match_numpy(monkeypatch):
@@ -232,6 +304,12 @@ def test_header_and_info_name_the_library_and_the_cpu(tmp_path, bf16_cpu):
     line = next(x for x in result.output.splitlines() if "matrix products" in x)
     assert "PyTorch" in line and "bf16" in line and "AVX-512 BF16 yes" in line and "AMX no" in line, line
     assert re.search(r"1 rank x \d+ PyTorch threads?,", result.output), result.output  # not "BLAS threads"
+    assert "hidden activations (relu) in bf16 between the products" in line, line
+    result = invoke("train", "--set", "data.train=spirals:n=300", "--set", "model.layers=[2,8,3]",
+                    "--set", "model.precision=bf16-mixed", "--set", "model.activation=tanh", "--set",
+                    "model.dropout=0.1", "--epochs", "1", "--run-dir", tmp_path / "other")
+    line = next(x for x in result.output.splitlines() if "matrix products" in x)
+    assert "hidden activations in float32 (NumPy; activation tanh, dropout)" in line, line
     result = invoke("info")
     lines = {x.split("  ")[0]: x for x in result.output.splitlines()}
     assert "torch" in lines["products"] and "numpy" in lines["products"], result.output
