@@ -155,8 +155,9 @@ class ModelConfig:
         default="full",
         metadata=_meta(
             "precision of the matrix products: full (in model.dtype) or bf16-mixed (model.dtype float32: "
-            "bfloat16 inputs with float32 accumulation; weights, gradients, exchange, loss and update stay "
-            "float32; needs PyTorch and a CPU with AVX-512 BF16 or AMX)",
+            "bfloat16 inputs with float32 accumulation; relu/leaky_relu/identity hidden layers without "
+            "dropout or batch norm stay bfloat16 between the products; weights, gradients, exchange, loss "
+            "and update stay float32; needs PyTorch and a CPU with AVX-512 BF16 or AMX)",
             choices=_products.PRECISIONS,
         ),
     )

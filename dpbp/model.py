@@ -207,7 +207,8 @@ class MLP:
         self.batch_norm = bool(batch_norm)
         self.n_params = n_params(self.sizes, self.batch_norm)
         # Training passes leave the hidden layers to the backend (bf16 from product to product) when it can.
-        self.fused = self.products.fuses(activation) and not self.batch_norm and not any(self.dropout)
+        self.fused = (self.n_layers > 1 and self.products.fuses(activation) and not self.batch_norm
+                      and not any(self.dropout))
         self._params = np.zeros(self.n_params, self.dtype)
         self.weights, self.biases = self.layer_views(self._params)
         self.gammas, self.betas = self.norm_views(self._params)

@@ -21,9 +21,9 @@ the forward pass (reused by ``dW``), and ``delta`` once per layer (used by ``dW`
 * kept in bf16 (activation in ``BF16_ACTIVATIONS``, no dropout, no batch norm), as under
   ``torch.autocast``: ``hidden_forward`` adds the bias inside the product (``addmm``) and applies
   the activation to the bf16 result in place; the next product, ``dW``, the bias sum and
-  ``hidden_backprop`` (``bf16(delta W)`` times ``g'``) take those tensors as they are. These
-  activations are piecewise linear, so on a bf16 value they give exactly what the float32 path
-  gives once rounded for the next product: no float32 copy, no cast, no NumPy pass.
+  ``hidden_backprop`` (``bf16(delta W)`` times ``g'``) take those tensors as they are: no float32
+  copy, no cast, no NumPy pass. relu and identity give on a bf16 value exactly what the float32
+  path gives once rounded for the next product; leaky_relu's negative side is rounded once more.
 * float32 element-wise work (tanh, sigmoid, dropout, batch norm): every product's result is
   written into the model's float32 buffer and the model does the rest in NumPy.
 
@@ -189,7 +189,7 @@ class TorchProducts:
         self.torch = torch
 
     def describe(self) -> str:
-        return f"PyTorch {self.torch.__version__} (MKL/oneDNN), model dtype"
+        return f"PyTorch {self.torch.__version__} (oneDNN/MKL), model dtype"
 
     def fuses(self, activation: str) -> bool:
         return False
@@ -228,8 +228,9 @@ def _identity(torch, *arrays):
 
 
 # Hidden activations a bf16-mixed pass computes on bf16 tensors, (forward(z) in place, backward(a, delta)
-# in place), as ``dpbp.ops.ACTIVATIONS`` does in the model dtype. Only piecewise-linear ones: on a
-# bf16 input they give what the float32 path gives once its result is rounded for the next product.
+# in place), as ``dpbp.ops.ACTIVATIONS`` does in the model dtype. Only piecewise-linear ones: relu and
+# identity give on a bf16 value exactly what the float32 path gives once rounded for the next product;
+# leaky_relu's negative side (0.01 z, 0.01 delta) is rounded once more (one bf16 ulp, within the bound).
 # tanh and sigmoid stay on the float32 element-wise path (their derivative from a rounded activation
 # would lose bits that the float32 path keeps).
 BF16_ACTIVATIONS = {

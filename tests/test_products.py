@@ -151,6 +151,11 @@ def test_every_bf16_path_meets_the_step_bound(bf16_cpu, activation, dropout, bat
     assert 1e-4 < rel <= 8 * 3 * U, rel
 
 
+def test_a_bf16_model_without_hidden_layers_has_nothing_to_keep_in_bf16(bf16_cpu):
+    assert not MLP([30, 4], precision="bf16-mixed", dtype="float32").fused
+    assert MLP([30, 5, 4], precision="bf16-mixed", dtype="float32").fused
+
+
 def test_a_bf16_pass_does_not_depend_on_the_passes_before(bf16_cpu):
     """The backend keeps bf16 copies between calls; none may leak from one pass into the next.
 
