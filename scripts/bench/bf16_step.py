@@ -22,7 +22,19 @@ import statistics
 import time
 
 import numpy as np
-from _common import REFERENCE_MODEL, default_rows, header, load_dpbp_config, parse_model, train_step
+from _common import (
+    add_workload_args,
+    blas_arch,
+    default_rows,
+    header,
+    load_dpbp_config,
+    out_dir,
+    parse_model,
+    train_step,
+    write_csv,
+)
+
+OPTIMIZERS = ("sgd", "adam")  # the two both sides build alike (torch.optim.SGD / Adam, lr 1e-3, defaults)
 
 
 def torch_trainer(layers, optimizer: str, x: np.ndarray, y: np.ndarray, batch: int, phases: dict):
@@ -63,14 +75,14 @@ def torch_trainer(layers, optimizer: str, x: np.ndarray, y: np.ndarray, batch: i
     return step
 
 
-def dpbp_trainer(layers, optimizer: str, batch: int, threads: int, rows: int, phases: dict):
+def dpbp_trainer(layers, optimizer: str, batch: int, threads: int, rows: int, phases: dict, extra=()):
     """A step function for dpbp's Trainer (SerialComm, bf16-mixed); its phases are timed by wrapping, on
     the instances only, the model's passes and the exchange's combine and update."""
     from dpbp import data as data_mod
     from dpbp.comm import SerialComm
     from dpbp.train import Trainer
 
-    cfg = load_dpbp_config(layers, batch, optimizer, threads, rows, extra=["model.precision=bf16-mixed"])
+    cfg = load_dpbp_config(layers, batch, optimizer, threads, rows, extra=["model.precision=bf16-mixed", *extra])
     trainer = Trainer(cfg, SerialComm(), echo=lambda text: None)
     order = np.arange(trainer.data.train.n_samples)  # the rows in file order, as the PyTorch side takes them
 
@@ -105,33 +117,45 @@ def dpbp_trainer(layers, optimizer: str, batch: int, threads: int, rows: int, ph
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=REFERENCE_MODEL)
-    p.add_argument("--batch", type=int, default=512, help="global batch (default %(default)s)")
-    p.add_argument("--optimizers", default="sgd,adam", help="(default %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="PyTorch threads for both (default: all cores)")
+    add_workload_args(p, writes="CSV")
+    p.add_argument("--optimizers", default="sgd,adam", help="sgd and/or adam (default %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="threads for both sides (default: all cores)")
     p.add_argument("--rounds", type=int, default=8, help="alternations, >= 3 (default %(default)s)")
     p.add_argument("--steps", type=int, default=30, help="steps per round, >= 10 (default %(default)s)")
     args = p.parse_args()
-    if args.rounds < 3 or args.steps < 10:
-        p.error("--rounds must be >= 3 and --steps >= 10")
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    if not optimizers or any(o not in OPTIMIZERS for o in optimizers):
+        p.error(f"--optimizers takes {' and/or '.join(OPTIMIZERS)}, got {args.optimizers!r}")
+    if args.rounds < 3 or args.steps < 10 or args.threads < 0:
+        p.error("--rounds must be >= 3, --steps >= 10 and --threads >= 0")
     try:
         import torch
     except ImportError:
         raise SystemExit("bf16_step.py needs PyTorch: pip install torch==2.13.0 (the CPU build)") from None
+    from dpbp.errors import DpbpError
     from dpbp.products import check_bf16_cpu
 
-    check_bf16_cpu()
+    try:
+        check_bf16_cpu()
+    except DpbpError as e:
+        raise SystemExit(f"bf16_step.py: {e}") from None
     layers = parse_model(args.model)
     import os
 
     threads = args.threads or os.cpu_count() or 1
-    header(f"bf16_step.py: dpbp bf16-mixed vs PyTorch bf16 autocast, one process, {threads} threads, "
-           f"{args.rounds} rounds x {args.steps} steps")
-    for optimizer in args.optimizers.split(","):
+    rows, summary = [], []
+    for n, optimizer in enumerate(optimizers):
         tp: dict = collections.defaultdict(list)
         dp: dict = collections.defaultdict(list)
-        trainer, dpbp_step = dpbp_trainer(layers, optimizer, args.batch, threads, default_rows(args.batch), dp)
+        try:
+            trainer, dpbp_step = dpbp_trainer(layers, optimizer, args.batch, threads, default_rows(args.batch), dp,
+                                              args.set)
+        except DpbpError as e:  # a bad --set
+            raise SystemExit(f"bf16_step.py: {e}") from None
         torch.set_num_threads(threads)  # after the trainer, which sets it from train.threads too
+        if n == 0:  # once the trainer has set the thread pools, so the header shows them as timed
+            header(f"bf16_step.py: dpbp bf16-mixed vs PyTorch bf16 autocast, one process, {threads} PyTorch "
+                   f"threads, {args.rounds} rounds x {args.steps} steps")
         torch_step = torch_trainer(layers, optimizer, trainer.data.train.x, trainer.data.train.y, args.batch, tp)
         for i in range(5):  # warm-up: buffers, caches, thread pools
             torch_step(i)
@@ -148,13 +172,23 @@ def main() -> None:
                 times[name] = statistics.median(ts)
             ratios.append(times["torch"] / times["dpbp"])
             rounds.append(times)
+            rows.append({"optimizer": optimizer, "round": r + 1, "torch_step_ms": 1e3 * times["torch"],
+                         "dpbp_step_ms": 1e3 * times["dpbp"], "torch_over_dpbp": ratios[-1]})
+        median = statistics.median(ratios)
+        summary.append(f"{optimizer}: torch/dpbp={median:.3f}")
         print(f"\n{optimizer}: PyTorch / dpbp step time per round: {', '.join(f'{x:.3f}' for x in ratios)}")
-        print(f"{optimizer}: median {statistics.median(ratios):.3f} (> 1: dpbp faster); step ms PyTorch "
+        print(f"{optimizer}: median {median:.3f} (> 1: dpbp faster); step ms PyTorch "
               f"{1e3 * statistics.median(t['torch'] for t in rounds):.2f}, dpbp "
               f"{1e3 * statistics.median(t['dpbp'] for t in rounds):.2f}")
         for side, phases in (("PyTorch", tp), ("dpbp", dp)):
             parts = [f"{name} {1e3 * statistics.median(v):.2f}" for name, v in phases.items()]
             print(f"  {side:8s} ms per step (median of each phase): {', '.join(parts)}")
+            rows.extend({"optimizer": optimizer, "side": side, "phase": name, "median_ms": 1e3 * statistics.median(v)}
+                        for name, v in phases.items())
+    path = out_dir(args.out) / "bf16_step.csv"
+    write_csv(path, rows)
+    print(f"SUMMARY bf16_step.py [{args.model} b{args.batch} {threads} threads arch={blas_arch()}] "
+          f"(target torch/dpbp >= 1.0): {'; '.join(summary)}")
 
 
 if __name__ == "__main__":
