@@ -310,11 +310,14 @@ class TorchBF16Products(TorchProducts):
             got = self._w16[l] = (_key(W), self._cast("W", l, W))
         return got[1]
 
-    def _input(self, l: int, a):
-        """Layer l's input in bf16 for ``forward``: a kept tensor as it is, an array cast (and remembered)."""
+    def _input(self, l: int, a, *, fresh: bool):
+        """Layer l's input in bf16: a kept tensor as it is; an array cast (``fresh``: always, else unless
+        the forward pass cast it)."""
         if isinstance(a, self.torch.Tensor):
-            self._a16[l] = (None, a)
             return a
+        got = self._a16.get(l)
+        if not fresh and got is not None and got[0] == _key(a):
+            return got[1]
         a16 = self._cast("A", l, a)
         self._a16[l] = (_key(a), a16)
         return a16
@@ -333,7 +336,7 @@ class TorchBF16Products(TorchProducts):
     def forward(self, l, a, W, out):
         t = self.torch
         w16 = self._weights(l, W, fresh=True)  # once per forward pass: the weights changed since the last step
-        a16 = self._input(l, a)
+        a16 = self._input(l, a, fresh=True)
         z16 = self._buffer("Z", l, out.shape)
         t.matmul(a16, w16.T, out=z16)
         t.from_numpy(out).copy_(z16)
@@ -347,7 +350,7 @@ class TorchBF16Products(TorchProducts):
         """
         t = self.torch
         w16 = self._weights(l, W, fresh=True)
-        a16 = self._input(l, a)
+        a16 = self._input(l, a, fresh=True)
         z16 = self._buffer("Z", l, (a16.shape[0], W.shape[0]))
         t.addmm(self._cast("B", l, b), a16, w16.T, out=z16)
         BF16_ACTIVATIONS[activation][0](t, z16)
@@ -355,13 +358,8 @@ class TorchBF16Products(TorchProducts):
 
     def weight_grad(self, l, delta, a_prev, out):
         t = self.torch
-        got = self._a16.get(l)
-        if isinstance(a_prev, t.Tensor):
-            a16 = a_prev
-        else:
-            a16 = got[1] if got is not None and got[0] == _key(a_prev) else self._cast("A", l, a_prev)
         g16 = self._buffer("G", l, out.shape)
-        t.matmul(self._delta(l, delta, fresh=True).T, a16, out=g16)
+        t.matmul(self._delta(l, delta, fresh=True).T, self._input(l, a_prev, fresh=False), out=g16)
         t.from_numpy(out).copy_(g16)
 
     def bias_grad(self, l: int, delta, out: np.ndarray) -> None:
@@ -375,18 +373,19 @@ class TorchBF16Products(TorchProducts):
         t.sum(delta, 0, out=s16)
         t.from_numpy(out).copy_(s16)
 
+    def _backprop16(self, l: int, delta, W: np.ndarray, n: int):
+        """``bf16(delta W)`` ``(n, in)`` in layer l's kept buffer, from the copies ``weight_grad(l)`` made."""
+        p16 = self._buffer("P", l, (n, W.shape[1]))
+        self.torch.matmul(self._delta(l, delta, fresh=False), self._weights(l, W, fresh=False), out=p16)
+        return p16
+
     def backprop(self, l, delta, W, out):
-        t = self.torch
-        p16 = self._buffer("P", l, out.shape)
-        t.matmul(self._delta(l, delta, fresh=False), self._weights(l, W, fresh=False), out=p16)
-        t.from_numpy(out).copy_(p16)
+        self.torch.from_numpy(out).copy_(self._backprop16(l, delta, W, out.shape[0]))
 
     def hidden_backprop(self, l: int, delta, W: np.ndarray, a, activation: str):
         """delta of hidden layer l - 1 as a kept bf16 ``(n, in)`` tensor: ``bf16(delta W) * g'``, where
         ``a`` is that layer's ``hidden_forward`` tensor (g' is read from the activations, as
         ``dpbp.ops`` does). ``delta``: ``(n, out)`` float32 array or a ``hidden_backprop`` tensor."""
-        t = self.torch
-        p16 = self._buffer("P", l, (a.shape[0], W.shape[1]))
-        t.matmul(self._delta(l, delta, fresh=False), self._weights(l, W, fresh=False), out=p16)
-        BF16_ACTIVATIONS[activation][1](t, a, p16)
+        p16 = self._backprop16(l, delta, W, a.shape[0])
+        BF16_ACTIVATIONS[activation][1](self.torch, a, p16)
         return p16
