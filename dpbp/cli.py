@@ -327,9 +327,7 @@ def _hidden_layers(model) -> str:
         return ""
     if model.fused:
         return f", hidden activations ({model.activation}) in bf16 between the products"
-    why = [f"activation {model.activation}" if not model.products.fuses(model.activation) else "",
-           "dropout" if any(model.dropout) else "", "batch norm" if model.batch_norm else ""]
-    return f", hidden activations in float32 (NumPy; {', '.join(w for w in why if w)})"
+    return f", hidden activations in float32 (NumPy; {', '.join(model.unfused_reasons())})"
 
 
 def _metrics_text(record: dict, prefix: str) -> str:

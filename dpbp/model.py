@@ -207,8 +207,7 @@ class MLP:
         self.batch_norm = bool(batch_norm)
         self.n_params = n_params(self.sizes, self.batch_norm)
         # Training passes leave the hidden layers to the backend (bf16 from product to product) when it can.
-        self.fused = (self.n_layers > 1 and self.products.fuses(activation) and not self.batch_norm
-                      and not any(self.dropout))
+        self.fused = self.n_layers > 1 and not self.unfused_reasons()
         self._params = np.zeros(self.n_params, self.dtype)
         self.weights, self.biases = self.layer_views(self._params)
         self.gammas, self.betas = self.norm_views(self._params)
@@ -218,6 +217,13 @@ class MLP:
         self._init_weights(seed)
         self._workspaces: dict[int, _Workspace] = {}
         self._pending: _Workspace | None = None  # the batch statistics update_running_stats folds in
+
+    def unfused_reasons(self) -> list[str]:
+        """Why training passes keep the hidden layers in the model dtype instead of the backend's bf16
+        (``fused``), in words: ``activation tanh``, ``dropout``, ``batch norm``; [] when nothing stops it
+        (with a backend that fuses nothing, e.g. NumPy's, the activation is named)."""
+        return [why for why, blocks in ((f"activation {self.activation}", not self.products.fuses(self.activation)),
+                                        ("dropout", any(self.dropout)), ("batch norm", self.batch_norm)) if blocks]
 
     @property
     def precision(self) -> str:
