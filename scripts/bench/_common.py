@@ -14,6 +14,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -97,6 +98,44 @@ def train_step(trainer, order, i: int):
     out = trainer.step(order, i % trainer.steps_per_epoch)
     trainer.state.global_step += 1
     return out
+
+
+class TimedCalls:
+    """Times calls by wrapping functions or methods in this process only (dpbp's files are not touched).
+
+    ``wrap(obj, name, record)`` replaces ``obj.name`` with a function that calls the original and
+    passes its seconds to ``record(seconds)``; leaving the ``with`` block puts every original back
+    (an instance's own attribute, or the class's method again).
+    """
+
+    def __init__(self):
+        self._saved: list[tuple[object, str, object, bool]] = []
+
+    def wrap(self, obj, name: str, record: Callable[[float], object]) -> None:
+        if not hasattr(obj, name):
+            return
+        original = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                record(time.perf_counter() - t0)
+
+        self._saved.append((obj, name, original, name in vars(obj)))
+        setattr(obj, name, timed)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for obj, name, original, own in reversed(self._saved):
+            if own:
+                setattr(obj, name, original)
+            else:
+                delattr(obj, name)  # back to the class's method
+        self._saved.clear()
 
 
 def default_rows(batch: int) -> int:

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 from _common import (
+    TimedCalls,
     add_workload_args,
     blas_arch,
     default_rows,
@@ -75,9 +76,10 @@ def torch_trainer(layers, optimizer: str, x: np.ndarray, y: np.ndarray, batch: i
     return step
 
 
-def dpbp_trainer(layers, optimizer: str, batch: int, threads: int, rows: int, phases: dict, extra=()):
-    """A step function for dpbp's Trainer (SerialComm, bf16-mixed); its phases are timed by wrapping, on
-    the instances only, the model's passes and the exchange's combine and update."""
+def dpbp_trainer(layers, optimizer: str, batch: int, threads: int, rows: int, phases: dict, calls: TimedCalls,
+                 extra=()):
+    """A step function for dpbp's Trainer (SerialComm, bf16-mixed); its phases are timed through ``calls``,
+    which wraps the model's passes, the exchange's combine and update, and ``dpbp.data.gather_rows``."""
     from dpbp import data as data_mod
     from dpbp.comm import SerialComm
     from dpbp.train import Trainer
@@ -85,34 +87,31 @@ def dpbp_trainer(layers, optimizer: str, batch: int, threads: int, rows: int, ph
     cfg = load_dpbp_config(layers, batch, optimizer, threads, rows, extra=["model.precision=bf16-mixed", *extra])
     trainer = Trainer(cfg, SerialComm(), echo=lambda text: None)
     order = np.arange(trainer.data.train.n_samples)  # the rows in file order, as the PyTorch side takes them
+    for obj, attr, name in ((data_mod, "gather_rows", "gather"), (trainer.model, "_forward", "forward"),
+                            (trainer.model, "_loss_and_delta", "loss"), (trainer.model, "_backward", "backprop"),
+                            (trainer.exchange, "combine", "combine"), (trainer.exchange, "update", "update")):
+        calls.wrap(obj, attr, phases[name].append)
+    return trainer, (lambda i: train_step(trainer, order, i))
 
-    def timed(obj, attr: str, name: str) -> None:
-        inner = getattr(obj, attr)
 
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                phases[name].append(time.perf_counter() - t0)
-
-        setattr(obj, attr, wrapper)
-
-    timed(trainer.model, "_forward", "forward")
-    timed(trainer.model, "_loss_and_delta", "loss")
-    timed(trainer.model, "_backward", "backprop")
-    timed(trainer.exchange, "combine", "combine")
-    timed(trainer.exchange, "update", "update")
-    gather = data_mod.gather_rows
-
-    def gather_timed(*args, **kwargs):
-        t0 = time.perf_counter()
-        out = gather(*args, **kwargs)
-        phases["gather"].append(time.perf_counter() - t0)
-        return out
-
-    data_mod.gather_rows = gather_timed  # the trainer calls it through the module
-    return trainer, (lambda i: train_step(trainer, order, i % trainer.steps_per_epoch))
+def alternate(steps: dict, rounds: int, per_round: int) -> list[dict]:
+    """After 5 warm-up steps of each (buffers, caches, thread pools): ``rounds`` rounds, each running
+    ``per_round`` steps of every step function in turn; per round, each one's median seconds per step."""
+    for i in range(5):
+        for step in steps.values():
+            step(i)
+    result = []
+    for r in range(rounds):
+        times = {}
+        for name, step in steps.items():
+            ts = []
+            for i in range(per_round):
+                t0 = time.perf_counter()
+                step(r * per_round + i)
+                ts.append(time.perf_counter() - t0)
+            times[name] = statistics.median(ts)
+        result.append(times)
+    return result
 
 
 def main() -> None:
@@ -147,33 +146,22 @@ def main() -> None:
     for n, optimizer in enumerate(optimizers):
         tp: dict = collections.defaultdict(list)
         dp: dict = collections.defaultdict(list)
-        try:
-            trainer, dpbp_step = dpbp_trainer(layers, optimizer, args.batch, threads, default_rows(args.batch), dp,
-                                              args.set)
-        except DpbpError as e:  # a bad --set
-            raise SystemExit(f"bf16_step.py: {e}") from None
-        torch.set_num_threads(threads)  # after the trainer, which sets it from train.threads too
-        if n == 0:  # once the trainer has set the thread pools, so the header shows them as timed
-            header(f"bf16_step.py: dpbp bf16-mixed vs PyTorch bf16 autocast, one process, {threads} PyTorch "
-                   f"threads, {args.rounds} rounds x {args.steps} steps")
-        torch_step = torch_trainer(layers, optimizer, trainer.data.train.x, trainer.data.train.y, args.batch, tp)
-        for i in range(5):  # warm-up: buffers, caches, thread pools
-            torch_step(i)
-            dpbp_step(i)
-        ratios, rounds = [], []
-        for r in range(args.rounds):
-            times = {}
-            for name, step in (("torch", torch_step), ("dpbp", dpbp_step)):
-                ts = []
-                for i in range(args.steps):
-                    t0 = time.perf_counter()
-                    step(r * args.steps + i)
-                    ts.append(time.perf_counter() - t0)
-                times[name] = statistics.median(ts)
-            ratios.append(times["torch"] / times["dpbp"])
-            rounds.append(times)
-            rows.append({"optimizer": optimizer, "round": r + 1, "torch_step_ms": 1e3 * times["torch"],
-                         "dpbp_step_ms": 1e3 * times["dpbp"], "torch_over_dpbp": ratios[-1]})
+        with TimedCalls() as calls:  # put back (gather_rows is module-wide) before the next optimizer wraps
+            try:
+                trainer, dpbp_step = dpbp_trainer(layers, optimizer, args.batch, threads, default_rows(args.batch),
+                                                  dp, calls, args.set)
+            except DpbpError as e:  # a bad --set
+                raise SystemExit(f"bf16_step.py: {e}") from None
+            torch.set_num_threads(threads)  # after the trainer, which sets it from train.threads too
+            if n == 0:  # once the trainer has set the thread pools, so the header shows them as timed
+                header(f"bf16_step.py: dpbp bf16-mixed vs PyTorch bf16 autocast, one process, {threads} PyTorch "
+                       f"threads, {args.rounds} rounds x {args.steps} steps")
+            torch_step = torch_trainer(layers, optimizer, trainer.data.train.x, trainer.data.train.y, args.batch, tp)
+            rounds = alternate({"torch": torch_step, "dpbp": dpbp_step}, args.rounds, args.steps)
+        ratios = [t["torch"] / t["dpbp"] for t in rounds]
+        rows.extend({"optimizer": optimizer, "round": r + 1, "torch_step_ms": 1e3 * t["torch"],
+                     "dpbp_step_ms": 1e3 * t["dpbp"], "torch_over_dpbp": ratio}
+                    for r, (t, ratio) in enumerate(zip(rounds, ratios)))
         median = statistics.median(ratios)
         summary.append(f"{optimizer}: torch/dpbp={median:.3f}")
         print(f"\n{optimizer}: PyTorch / dpbp step time per round: {', '.join(f'{x:.3f}' for x in ratios)}")

@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 from _common import (
+    TimedCalls,
     add_workload_args,
     blas_arch,
     blas_entries,
@@ -171,7 +172,7 @@ class ModelPieces:
                 self.delta[l - 1] *= s
 
 
-class Instrumented:
+class Instrumented(TimedCalls):
     """Times the parts of real ``Trainer.step`` calls by wrapping, on this process only, the calls
     the step makes: ``dpbp.data.gather_rows``, ``trainer.model.loss_and_grad_sum``,
     ``trainer.optimizer.step`` and the communicator's collectives. dpbp's files are not touched;
@@ -182,42 +183,24 @@ class Instrumented:
     def __init__(self, trainer):
         from dpbp import data as data_mod
 
+        super().__init__()
         self.trainer, self.data_mod = trainer, data_mod
         self.acc = {"gather": 0.0, "model": 0.0, "comm": 0.0, "optimizer": 0.0}
-        self._saved: list[tuple[object, str, object, bool]] = []
 
-    def _wrap(self, obj, name: str, key: str) -> None:
-        if not hasattr(obj, name):
-            return
-        original = getattr(obj, name)
-        acc = self.acc
+    def _add(self, key: str):
+        def record(seconds: float) -> None:
+            self.acc[key] += seconds
 
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                acc[key] += time.perf_counter() - t0
-
-        self._saved.append((obj, name, original, name in vars(obj)))
-        setattr(obj, name, timed)
+        return record
 
     def __enter__(self):
         t = self.trainer
-        self._wrap(self.data_mod, "gather_rows", "gather")
-        self._wrap(t.model, "loss_and_grad_sum", "model")
-        self._wrap(t.optimizer, "step", "optimizer")
+        self.wrap(self.data_mod, "gather_rows", self._add("gather"))
+        self.wrap(t.model, "loss_and_grad_sum", self._add("model"))
+        self.wrap(t.optimizer, "step", self._add("optimizer"))
         for name in self.COMM_METHODS:
-            self._wrap(t.comm, name, "comm")
+            self.wrap(t.comm, name, self._add("comm"))
         return self
-
-    def __exit__(self, *exc):
-        for obj, name, original, own in reversed(self._saved):
-            if own:
-                setattr(obj, name, original)
-            else:
-                delattr(obj, name)  # back to the class's method
-        self._saved.clear()
 
     def reset(self) -> None:
         for k in self.acc:
