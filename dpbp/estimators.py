@@ -43,6 +43,7 @@ from dpbp import config as config_mod
 from dpbp import data as data_mod
 from dpbp.comm import MPIComm, SerialComm, get_comm
 from dpbp.model import MLP
+from dpbp.optim import OPTIMIZERS
 from dpbp.targets import Targets
 from dpbp.train import PreparedData, Trainer, TrainingError, prepare_data, target_normalizer
 
@@ -50,7 +51,7 @@ __all__ = ["MLPClassifier", "MLPRegressor"]
 
 ACTIVATIONS = {"relu": "relu", "tanh": "tanh", "logistic": "sigmoid", "sigmoid": "sigmoid",
                "leaky_relu": "leaky_relu", "identity": "identity"}  # scikit-learn's 'logistic' is dpbp's sigmoid
-SOLVERS = ("sgd", "momentum", "rmsprop", "adam")
+SOLVERS = OPTIMIZERS  # dpbp's optimizers are the solvers
 AUTO_BATCH = 200  # batch_size="auto": scikit-learn's min(200, n_samples); a batch never exceeds the data
 
 # Config keys the constructor parameters set (and ``config`` may not), and keys that make no sense here.
@@ -255,14 +256,13 @@ class _DpbpMLP(BaseEstimator):
         try:
             return config_mod.replace(config_mod.default_config(), **dotted, **extra)
         except config_mod.ConfigError as exc:
-            raise InputError(self._name_parameter(str(exc))) from None
+            raise InputError(self._name_parameter(exc)) from None
 
     @staticmethod
-    def _name_parameter(message: str) -> str:
+    def _name_parameter(exc: config_mod.ConfigError) -> str:
         """A config message with the estimator's parameter named instead of the config key it maps to."""
-        key = message.split(":", 1)[0].removeprefix("config ").strip()
-        name = next((n for k, n in OWNED.items() if k == key), None)
-        return f"{name} ({message})" if name else _in_parameters(message)
+        name = OWNED.get(exc.key)
+        return f"{name} ({exc})" if name else _in_parameters(str(exc))
 
     # ------------------------------------------------------------------ fitting
 
@@ -282,6 +282,8 @@ class _DpbpMLP(BaseEstimator):
         first = not (incremental and hasattr(self, "model_"))
 
         def check():
+            if y is None:
+                raise InputError(f"{type(self).__name__} requires y to be passed, but the target y is None")
             X_, y_ = self._check_Xy(X, y, reset=first)
             y_ids = self._encode_y(y_, first=first, classes=classes, incremental=incremental)
             dtype = self._model_dtype(X_) if first else self.model_.dtype
@@ -296,7 +298,7 @@ class _DpbpMLP(BaseEstimator):
         echo = print if self.verbose and comm.is_root else (lambda text: None)
         raw = data_mod.Dataset(X, y_ids, "the data passed to fit")
         with _as_input_errors():
-            if first and not incremental:
+            if not incremental:  # then also first
                 data = _agreed(comm, lambda: prepare_data(cfg, raw), "preparing the data")
             else:
                 data = _agreed(comm, lambda: self._prepare_increment(cfg, raw, first), "preparing the data")
@@ -305,7 +307,7 @@ class _DpbpMLP(BaseEstimator):
             run_root = None if incremental or self.run_dir is None else Path(self.run_dir)
             trainer = Trainer(cfg, comm, run_root, echo=echo, data=data)
             try:
-                result = self._train(trainer, cfg, comm, first=first, incremental=incremental)
+                result = self._train(trainer, cfg, first=first, incremental=incremental)
             finally:
                 comm.free_node_shared()  # DP: the window of this fit; the fitted model holds copies
         self._record(trainer, result, data, incremental=incremental, first=first)
@@ -314,7 +316,7 @@ class _DpbpMLP(BaseEstimator):
                 warnings.warn(note.removeprefix("warning: "), UserWarning, stacklevel=3)
         return self
 
-    def _train(self, trainer: Trainer, cfg, comm, *, first: bool, incremental: bool):
+    def _train(self, trainer: Trainer, cfg, *, first: bool, incremental: bool):
         """Run ``trainer`` (claiming a new run-NNN under ``run_dir`` first); returns (TrainResult, state arrays)."""
         if incremental and not first:
             trainer.load_state(self._state)  # DP: the same arrays on every rank
@@ -454,8 +456,6 @@ class MLPClassifier(ClassifierMixin, _DpbpMLP):
         return self._fit(X, y, incremental=True, classes=classes)
 
     def _check_Xy(self, X, y, *, reset: bool):
-        if y is None:
-            raise InputError(f"{type(self).__name__} requires y to be passed, but the target y is None")
         X, y = validate_data(self, X, y, reset=reset, dtype=[np.float64, np.float32])
         y = column_or_1d(y, warn=True)
         check_classification_targets(y)
@@ -535,8 +535,6 @@ class MLPRegressor(RegressorMixin, _DpbpMLP):
         return self._fit(X, y, incremental=True)
 
     def _check_Xy(self, X, y, *, reset: bool):
-        if y is None:
-            raise InputError(f"{type(self).__name__} requires y to be passed, but the target y is None")
         X, y = validate_data(self, X, y, reset=reset, dtype=[np.float64, np.float32], y_numeric=True,
                              multi_output=True)
         if not reset and (y.ndim == 1 and self.n_outputs_ != 1 or y.ndim == 2 and y.shape[1] != self.n_outputs_):

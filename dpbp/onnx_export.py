@@ -30,10 +30,10 @@ import numpy as np
 from dpbp import __version__
 from dpbp.checkpoint import Network, atomic_replace, fold_input_map, fold_output_map, load_network
 from dpbp.errors import DataError, MissingExtraError, SaveError
+from dpbp.ops import LEAKY_SLOPE
 
 OPSET = 17
 IR_VERSION = 8  # what opset 17 needs; read by every onnxruntime since 1.13
-LEAKY_SLOPE = 0.01  # dpbp.ops.LEAKY_SLOPE
 HIDDEN_OPS = {"relu": "Relu", "leaky_relu": "LeakyRelu", "sigmoid": "Sigmoid", "tanh": "Tanh", "identity": None}
 OUTPUT_OPS = {"softmax": "Softmax", "sigmoid": "Sigmoid", "identity": None}
 
