@@ -459,12 +459,9 @@ def _build_model(spec: dict, arrays: dict, path) -> MLP:
     """An ``MLP`` from its saved description, holding ``arrays["params"]`` and, with batch norm, the running
     statistics ``bn_mean``/``bn_var`` (shapes and dtypes already checked)."""
     try:
-        model = MLP(**spec)
+        return MLP.from_arrays(spec, arrays)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: invalid model description ({exc})") from None
-    model.params[...] = arrays["params"]
-    model.load_running(arrays)
-    return model
 
 
 # ----------------------------------------------------------------------------- training checkpoints

@@ -344,11 +344,8 @@ class _DpbpMLP(BaseEstimator):
     def _record(self, trainer: Trainer, outcome, data: PreparedData, *, incremental: bool, first: bool) -> None:
         """Set the fitted attributes from a finished trainer (identical on every rank)."""
         result, state = outcome
-        src = trainer.model
-        model = MLP(**src.describe())
-        model.params[...] = state["params"]  # a private copy: the trainer's may live in node-shared memory
-        model.load_running(state)
-        self.model_ = model
+        # a private copy: the trainer's parameters may live in node-shared memory
+        model = self.model_ = MLP.from_arrays(trainer.model.describe(), state)
         self.normalizer_ = data.normalizer
         self.targets_ = data.targets
         self.n_outputs_ = model.sizes[-1]

@@ -30,11 +30,7 @@ class LayerCheck:
 
 def as_float64(model: MLP) -> MLP:
     """A float64 copy of ``model`` with the same parameters."""
-    spec = dict(model.describe(), dtype="float64")
-    copy = MLP(**spec)
-    copy.params[...] = model.params
-    copy.load_running(model.running_arrays())
-    return copy
+    return MLP.from_arrays(dict(model.describe(), dtype="float64"), {"params": model.params, **model.running_arrays()})
 
 
 def central_difference(model: MLP, X: np.ndarray, y: np.ndarray, index: int, h: float,

@@ -218,6 +218,19 @@ class MLP:
         self._workspaces: dict[int, _Workspace] = {}
         self._pending: _Workspace | None = None  # the batch statistics update_running_stats folds in
 
+    @classmethod
+    def from_arrays(cls, spec: dict, arrays) -> MLP:
+        """A new model from ``describe()``'s dict and ``arrays`` holding ``params`` (``(n_params,)``, cast to
+        ``spec``'s dtype) and, with batch norm, ``bn_mean``/``bn_var`` (as ``running_arrays`` gives them).
+
+        The arrays are copied in. Raises ValueError/TypeError for an invalid ``spec``, ValueError when
+        ``params`` does not fit it.
+        """
+        model = cls(**spec)
+        model.params[...] = arrays["params"]
+        model.load_running(arrays)
+        return model
+
     def unfused_reasons(self) -> list[str]:
         """Why training passes keep the hidden layers in the model dtype instead of the backend's bf16
         (``fused``), in words: ``activation tanh``, ``dropout``, ``batch norm``; [] when nothing stops it
