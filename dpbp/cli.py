@@ -170,14 +170,13 @@ def _option_overrides(overrides, **options) -> list[str]:
 
 
 def _load_config(comm, config_file, overrides, base=None):
-    from dpbp.comm import all_or_nothing
+    from dpbp.comm import all_or_nothing, differing_ranks
     from dpbp.config import config_hash, load_config
     from dpbp.errors import AgreedError
     from dpbp.train import check_memory
 
     cfg = all_or_nothing(comm, lambda: load_config(config_file, overrides, base=base), "reading the config")
-    hashes = comm.allgather_obj(config_hash(cfg))  # DP: every rank must run the same config
-    differ = [r for r, h in enumerate(hashes) if h != hashes[0]]
+    differ = differing_ranks(comm, config_hash(cfg))  # DP: every rank must run the same config
     if differ:
         raise AgreedError(f"rank(s) {differ} started with a different config than rank 0 "
                           "(check that every node reads the same config file and options)", 2)

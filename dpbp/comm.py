@@ -381,10 +381,16 @@ def params_digest(params: np.ndarray) -> str:
     return hashlib.sha256(params.tobytes()).hexdigest()[:16]
 
 
+def differing_ranks(comm, value) -> list[int]:
+    """The ranks whose ``value`` (small, picklable: a digest, a hash) differs from rank 0's (collective;
+    the same list on every rank, [] when all agree)."""
+    values = comm.allgather_obj(value)
+    return [r for r, v in enumerate(values) if v != values[0]]
+
+
 def check_in_sync(comm, params: np.ndarray, when: str) -> None:
     """Raise TrainingError on every rank if any rank's parameters differ from rank 0's (collective)."""
-    digests = comm.allgather_obj(params_digest(params))
-    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    differ = differing_ranks(comm, params_digest(params))
     if differ:
         raise TrainingError(
             f"ranks out of sync {when}: parameters on rank(s) {differ} differ from rank 0; "

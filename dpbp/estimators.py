@@ -41,7 +41,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by a test that hides
 
 from dpbp import config as config_mod
 from dpbp import data as data_mod
-from dpbp.comm import MPIComm, SerialComm, get_comm
+from dpbp.comm import MPIComm, SerialComm, differing_ranks, get_comm
 from dpbp.model import MLP
 from dpbp.optim import OPTIMIZERS
 from dpbp.targets import Targets
@@ -290,8 +290,7 @@ class _DpbpMLP(BaseEstimator):
             return X_, y_ids, dtype, self._config(dtype, incremental=incremental)
 
         X, y_ids, dtype, cfg = _agreed(comm, check, "checking the parameters, X and y")
-        hashes = comm.allgather_obj(config_mod.config_hash(cfg))
-        differ = [rank for rank, h in enumerate(hashes) if h != hashes[0]]
+        differ = differing_ranks(comm, config_mod.config_hash(cfg))
         if differ:  # DP: every rank must train the same model
             raise InputError(f"rank(s) {differ} passed other estimator parameters than rank 0; every rank must "
                              "construct the same estimator")
