@@ -338,6 +338,19 @@ def fold_output_map(model: MLP, params: np.ndarray, shift: np.ndarray, scale: np
     b[-1][...] = b[-1].astype(np.float64) / scale + shift
 
 
+def fold_maps(network: Network, params: np.ndarray) -> None:
+    """Fold ``network``'s input normaliser and target scaling (where it has them) into ``params``, in place.
+
+    ``params``: a flat ``(n_params,)`` vector in the network's model layout and dtype (the model's own
+    ``params``, or a copy of them); afterwards it maps raw inputs to outputs in the targets' units.
+    """
+    model, inputs, targets = network
+    if inputs.kind != "none":
+        fold_input_map(model, params, inputs.shift, inputs.scale)
+    if targets.normalize != "none":
+        fold_output_map(model, params, targets.shift, targets.scale)
+
+
 def save_model(path: str | os.PathLike, model: MLP, inputs: Normalizer | None = None,
                targets: Targets | None = None, extra: dict | None = None) -> None:
     """Save ``model`` with the input map its parameters expect and what its outputs mean (format 2).
@@ -403,12 +416,9 @@ def load_model(path: str | os.PathLike) -> MLP:
     Raises CheckpointError naming the file when it is missing, corrupt, not a dpbp file, or
     a format-1 checkpoint trained on normalised data (it does not store its normaliser).
     """
-    model, inputs, targets = load_network(path)
-    if inputs.kind != "none":
-        fold_input_map(model, model.params, inputs.shift, inputs.scale)
-    if targets.normalize != "none":
-        fold_output_map(model, model.params, targets.shift, targets.scale)
-    return model
+    network = load_network(path)
+    fold_maps(network, network.model.params)
+    return network.model
 
 
 def _targets(meta: dict, arrays: dict, model: MLP) -> Targets:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dpbp import __version__
-from dpbp.checkpoint import Network, atomic_replace, fold_input_map, fold_output_map, load_network
+from dpbp.checkpoint import Network, atomic_replace, fold_maps, load_network
 from dpbp.errors import DataError, MissingExtraError, SaveError
 from dpbp.ops import LEAKY_SLOPE
 
@@ -61,12 +61,9 @@ def build_graph(network: Network, name: str = "dpbp_mlp"):
     onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
 
-    model, inputs, targets = network
+    model, targets = network.model, network.targets
     params = model.params.copy()  # folded copies: the network itself is left as it is
-    if inputs.kind != "none":
-        fold_input_map(model, params, inputs.shift, inputs.scale)
-    if targets.normalize != "none":
-        fold_output_map(model, params, targets.shift, targets.scale)
+    fold_maps(network, params)
     fold_batch_norm(model, params)
     W, b = model.layer_views(params)
     elem = TensorProto.FLOAT if model.dtype == np.float32 else TensorProto.DOUBLE
