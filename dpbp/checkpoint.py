@@ -293,14 +293,10 @@ def model_size(spec: dict) -> tuple[int, int, np.dtype]:
 
 def _norm_layout(spec: dict, writes_them: bool) -> Layout:
     """The running statistics arrays of a batch-norm model (``writes_them``: the file's format stores them)."""
-    rates = spec.get("dropout", 0.0)
-    if not spec.get("batch_norm", False) and not (any(rates) if isinstance(rates, list) else rates):
-        return {}
-    if not writes_them:
+    rates, batch_norm = spec.get("dropout", 0.0), spec.get("batch_norm", False)
+    if not writes_them and (batch_norm or (any(rates) if isinstance(rates, list) else rates)):
         raise ValueError("dropout and batch_norm in a model description need a newer format version")
-    if not spec.get("batch_norm", False):
-        return {}
-    return {name: ((sum(spec["sizes"][1:-1]),), np.dtype(np.float64)) for name in RUNNING_ARRAYS}
+    return {name: ((sum(spec["sizes"][1:-1]),), np.dtype(np.float64)) for name in RUNNING_ARRAYS} if batch_norm else {}
 
 
 class Network(NamedTuple):

@@ -70,10 +70,6 @@ def check_gradients(model: MLP, X: np.ndarray, y: np.ndarray, *, samples_per_lay
     X = np.asarray(X, np.float64)
     context = StepContext(update_running=False) if model.batch_norm or any(model.dropout) else None
     _, grad = model.loss_and_grad(X, y, context)  # update_running=False: the running statistics stay
-    return _compare(model, X, y, grad, context, samples_per_layer, h, seed, kinked)
-
-
-def _compare(model, X, y, grad, context, samples_per_layer, h, seed, kinked) -> list[LayerCheck]:
     rng = np.random.default_rng(seed)
     results = []
     for l, (start, stop) in enumerate(model.layer_blocks()):
