@@ -327,11 +327,13 @@ def relaunch_under_mpi(ranks: int, launcher: str = "mpirun") -> None:
     raise SystemExit(subprocess.call(argv))
 
 
-def run_worker(launcher: str | None, ranks: int, args: Sequence[str], timeout: float = 900) -> dict:
-    """Run _dpbp_worker.py (under ``launcher -n ranks``, or plainly when launcher is None); return its JSON."""
+def run_worker(launcher: str | None, ranks: int, args: Sequence[str], timeout: float = 900,
+               script: Path = WORKER) -> dict:
+    """Run ``script`` (default _dpbp_worker.py) under ``launcher -n ranks``, or plainly when launcher is None;
+    return the JSON of its ``RESULT`` line."""
     import json
 
-    argv = (launcher_argv(launcher, ranks) if launcher else []) + [sys.executable, str(WORKER), *args]
+    argv = (launcher_argv(launcher, ranks) if launcher else []) + [sys.executable, str(script), *args]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
-from _common import header, launcher_argv, median, out_dir, print_table, write_csv
+from _common import header, median, out_dir, print_table, run_worker, write_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # this checkout's dpbp
@@ -79,23 +78,15 @@ def products_floor(args, n_rows: int, n_features: int, n_classes: int) -> dict:
     compute. Its time bounds every such trainer's fit time from below, so scikit-learn's time over
     it bounds the speedup any of them can show at the same network and settings.
     """
-    rng = np.random.default_rng(0)
+    from step import MatmulFloor
+
     sizes = [n_features, *args.hidden, n_classes]
-    weights = [rng.standard_normal((o, i), dtype=np.float32) for i, o in zip(sizes[:-1], sizes[1:])]
     batches = [args.batch] * (n_rows // args.batch) + ([n_rows % args.batch] if n_rows % args.batch else [])
-    bufs = {n: ([rng.standard_normal((n, w), dtype=np.float32) for w in sizes],
-                [np.empty((n, w), np.float32) for w in sizes]) for n in set(batches)}
-    grads = [np.empty_like(W) for W in weights]
+    floors = {n: MatmulFloor(sizes, n) for n in set(batches)}  # one step's operands per batch size
     start = time.perf_counter()
     for _ in range(args.epochs):
         for n in batches:
-            acts, deltas = bufs[n]
-            for l, W in enumerate(weights):
-                np.matmul(acts[l], W.T, out=acts[l + 1])
-            for l in range(len(weights) - 1, -1, -1):
-                np.matmul(deltas[l + 1].T, acts[l], out=grads[l])
-                if l:
-                    np.matmul(deltas[l + 1], weights[l], out=deltas[l])
+            floors[n].step()
     return {"seconds": time.perf_counter() - start, "accuracy": float("nan"), "epochs": args.epochs}
 
 
@@ -120,12 +111,7 @@ def worker(args) -> None:
 
 
 def run_ranks(args, ranks: int) -> dict:
-    argv = launcher_argv(args.launcher, ranks) + [sys.executable, __file__, "--worker", *sys.argv[1:]]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise SystemExit(f"dpbp under {' '.join(argv[:3])} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return run_worker(args.launcher, ranks, ["--worker", *sys.argv[1:]], timeout=3600, script=Path(__file__))
 
 
 def main() -> None:
